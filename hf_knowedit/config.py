@@ -1,0 +1,166 @@
+"""Edit configs and the registry of editing methods.
+
+Every method is a dataclass subclass of :class:`EditConfig` plus an editor class, tied together by
+:func:`register_edit_method`. Outside packages can register their own methods the same way.
+"""
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .errors import ArtifactError, EditConfigError
+from .utils import get_logger, write_json
+
+
+logger = get_logger(__name__)
+
+CONFIG_NAME = "edit_config.json"
+# Keys an artifact's edit_config.json holds besides the config's own fields.
+ARTIFACT_KEYS = ("hf_knowedit_version", "base_model_fingerprint", "edit_modules", "num_requests", "edit_stats")
+
+EDIT_METHODS: dict[str, tuple[type["EditConfig"], type]] = {}
+
+
+@dataclass
+class EditConfig:
+    """Base class of every editing method's config.
+
+    Args:
+        layers (`list[int]`, *optional*, defaults to `None`):
+            Indices of the transformer blocks to edit. `None` lets the method choose from the model's depth, so the
+            defaults work on every supported architecture.
+        base_model_name_or_path (`str`, *optional*, defaults to `None`):
+            The base model the edit was made on; filled in when the edit is made.
+        revision (`str`, *optional*, defaults to `None`):
+            The base model's revision (commit hash on the Hub), when known.
+    """
+
+    edit_type: ClassVar[str] = ""
+
+    layers: list[int] | None = field(
+        default=None, metadata={"help": "Transformer blocks to edit; None chooses from the model's depth."}
+    )
+    base_model_name_or_path: str | None = field(default=None, metadata={"help": "The base model of the edit."})
+    revision: str | None = field(default=None, metadata={"help": "The base model's revision, when known."})
+
+    def __post_init__(self):
+        if self.layers is not None:
+            if isinstance(self.layers, int):
+                self.layers = [self.layers]
+            layers = list(self.layers)
+            if not layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+                raise EditConfigError(
+                    f"{type(self).__name__}.layers must be a non-empty list of layer indices or None, got {self.layers!r}."
+                )
+            if any(i < 0 for i in layers):
+                raise EditConfigError(
+                    f"{type(self).__name__}.layers must hold non-negative layer indices, got {layers}; "
+                    "count layers from 0."
+                )
+            if len(set(layers)) != len(layers):
+                raise EditConfigError(f"{type(self).__name__}.layers has duplicates: {layers}.")
+            self.layers = sorted(layers)
+
+    # -- serialisation ---------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The config's fields and its `edit_type`, JSON-ready."""
+        data = dataclasses.asdict(self)
+        data["edit_type"] = self.edit_type
+        return data
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **extra: Any) -> None:
+        """Write `edit_config.json` (indented, sorted keys, version stamp) into `save_directory`."""
+        Path(save_directory).mkdir(parents=True, exist_ok=True)
+        write_json(Path(save_directory) / CONFIG_NAME, {**self.to_dict(), **extra})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EditConfig":
+        """Build the config of `data["edit_type"]` (or of `cls`), dropping unknown keys with a warning.
+
+        Called on a method's class, it refuses a config of another method with :class:`EditConfigError`.
+        """
+        data = dict(data)
+        edit_type = data.pop("edit_type", None) or cls.edit_type
+        target = get_config_class(edit_type) if edit_type else cls
+        if cls is not EditConfig and target is not cls:
+            raise EditConfigError(
+                f"This is a config of the method {edit_type!r}, not {cls.edit_type!r}. Load it with "
+                f"{target.__name__}.from_pretrained or hf_knowedit.EditConfig.from_pretrained."
+            )
+        names = {f.name for f in dataclasses.fields(target) if f.init}
+        unknown = sorted(k for k in data if k not in names and k not in ARTIFACT_KEYS)
+        if unknown:
+            logger.warning("Ignoring unknown keys in the %s config: %s", edit_type, unknown)
+        return target(**{k: v for k, v in data.items() if k in names})
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, subfolder: str | None = None, **hub_kwargs):
+        """Load a config from a directory holding `edit_config.json`, or from a Hub repo id."""
+        from .hub import resolve_artifact_dir
+
+        directory = resolve_artifact_dir(path_or_repo_id, subfolder=subfolder, **hub_kwargs)
+        return cls.from_dict(read_config_file(directory))
+
+    def resolve_layers(self, layout) -> list[int]:
+        """The layers to edit on a model of `layout`: the configured ones (checked) or the method's default."""
+        if self.layers is None:
+            return self.default_layers(layout)
+        for layer in self.layers:
+            layout.check_layer(layer, field=f"{type(self).__name__}.layers")
+        return list(self.layers)
+
+    def default_layers(self, layout) -> list[int]:
+        """The layers a method edits when `layers` is None; methods override this."""
+        return layout.default_layers()
+
+
+def read_config_file(directory: str | os.PathLike) -> dict[str, Any]:
+    """The parsed `edit_config.json` of an artifact directory, with clear errors when missing or corrupted."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise ArtifactError(f"{path} does not exist: {directory} is not an hf-knowedit edit artifact.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ArtifactError(f"{path} is not valid JSON ({error}); the artifact is corrupted, save it again.") from error
+    if not isinstance(data, dict) or "edit_type" not in data:
+        raise ArtifactError(f"{path} has no 'edit_type'; it is not an hf-knowedit edit config.")
+    return data
+
+
+def register_edit_method(name: str, config_cls: type[EditConfig], editor_cls: type) -> None:
+    """Register an editing method under `name`, so configs of that `edit_type` resolve to `editor_cls`.
+
+    Example:
+
+    ```python
+    >>> from hf_knowedit import register_edit_method, FTConfig
+    >>> from hf_knowedit.methods.ft import FTEditor
+    >>> register_edit_method("ft", FTConfig, FTEditor)  # what hf_knowedit.methods.ft does on import
+    ```
+    """
+    if not (isinstance(config_cls, type) and issubclass(config_cls, EditConfig)):
+        raise TypeError(f"config_cls must subclass EditConfig, got {config_cls!r}.")
+    if config_cls.edit_type != name:
+        raise EditConfigError(f"{config_cls.__name__}.edit_type is {config_cls.edit_type!r}, registered as {name!r}.")
+    EDIT_METHODS[name] = (config_cls, editor_cls)
+
+
+def get_config_class(edit_type: str) -> type[EditConfig]:
+    return _lookup(edit_type)[0]
+
+
+def get_editor_class(edit_type: str) -> type:
+    return _lookup(edit_type)[1]
+
+
+def _lookup(edit_type: str):
+    if edit_type not in EDIT_METHODS:
+        raise EditConfigError(
+            f"Unknown edit method {edit_type!r}; registered methods: {sorted(EDIT_METHODS)}. Register new ones with "
+            "hf_knowedit.register_edit_method(name, ConfigClass, EditorClass)."
+        )
+    return EDIT_METHODS[edit_type]

@@ -1,0 +1,503 @@
+"""`EditedModel`: a base model with named, switchable, saveable edits, in the manner of `peft.PeftModel`."""
+
+import contextlib
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import artifacts
+from .architectures import resolve_layout
+from .config import EditConfig, get_editor_class
+from .deltas import EditComponent, WeightDelta, first_tensor, merge_weight_delta
+from .errors import ArtifactError, EditConfigError, EditNotFoundError, EditRequestError
+from .fingerprint import check_fingerprint, model_fingerprint
+from .hub import resolve_artifact_dir
+from .requests import EditRequest, as_requests
+from .utils import get_logger
+
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class Edit:
+    """One named edit: its config, its requests, and the components it adds at each module path."""
+
+    config: EditConfig
+    requests: list[EditRequest]
+    components: dict[str, list[EditComponent]]
+    fingerprint: dict
+    stats: dict = field(default_factory=dict)
+
+    def num_bytes(self) -> int:
+        return sum(c.num_bytes() for comps in self.components.values() for c in comps)
+
+
+class EditedModel(nn.Module):
+    """A pretrained model with knowledge edits applied beside its weights.
+
+    Edits are components hooked onto the modules they change; the base weights stay untouched (unless
+    :meth:`merge_edits` is called), so :meth:`disable_edits` and :meth:`unload` give back the original model bit for
+    bit. Attributes the wrapper does not define are read from the base model.
+
+    Args:
+        model (`transformers.PreTrainedModel`):
+            The base model.
+        tokenizer (`transformers.PreTrainedTokenizerBase`, *optional*, defaults to `None`):
+            Its tokenizer; methods and metrics need one.
+
+    Example:
+
+    ```python
+    >>> from hf_knowedit import EditedModel, FTConfig, EditRequest
+    >>> from tests.tiny_models import tiny_model, tiny_tokenizer
+    >>> edited = EditedModel(tiny_model("gpt2"), tiny_tokenizer())
+    >>> request = EditRequest(prompt="The capital of {} is", subject="Atlantis", target_new="Paris")
+    >>> edited = edited.add_edits(FTConfig(num_steps=2), [request])
+    >>> edited.edit_names
+    ['default']
+
+    ```
+    """
+
+    def __init__(self, model: nn.Module, tokenizer=None):
+        super().__init__()
+        if isinstance(model, EditedModel):
+            raise TypeError("The model is already an EditedModel; call add_edits on it instead of wrapping it again.")
+        self.base_model = model
+        self.tokenizer = tokenizer
+        self._edits: dict[str, Edit] = {}
+        self._active: list[str] = []
+        self._disabled = False
+        self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
+        self._pending: dict[str, list[EditComponent]] = {}
+        self._originals: dict[str, torch.Tensor] = {}  # weights as they were before merge_edits
+        self._merged: list[str] = []
+
+    # -- pass-through ----------------------------------------------------------------------------------------------
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.base_model.generate(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    @property
+    def layout(self):
+        """The resolved structure of the base model (blocks, MLP projections, norm, head)."""
+        return resolve_layout(self.base_model)
+
+    # -- edits -----------------------------------------------------------------------------------------------------
+    @property
+    def edit_names(self) -> list[str]:
+        return list(self._edits)
+
+    @property
+    def active_edits(self) -> list[str]:
+        return list(self._active)
+
+    def get_edit(self, edit_name: str = "default") -> Edit:
+        self._check_names([edit_name])
+        return self._edits[edit_name]
+
+    def add_edits(
+        self,
+        config: EditConfig,
+        requests: EditRequest | dict | Iterable[EditRequest | dict],
+        edit_name: str = "default",
+        tokenizer=None,
+    ) -> "EditedModel":
+        """Compute the edit of `requests` with the method of `config` and apply it under `edit_name`.
+
+        When `edit_name` exists already and was made with an equal config, the new edit is stacked onto it
+        (sequential editing); otherwise a new named edit is created and activated. If the method fails, the model is
+        left exactly as it was. Returns `self`.
+        """
+        if not isinstance(config, EditConfig):
+            raise EditConfigError(f"config must be an EditConfig (e.g. FTConfig()), got {type(config).__name__}.")
+        if not isinstance(edit_name, str) or not edit_name or "/" in edit_name or edit_name.startswith("."):
+            raise EditConfigError(f"edit_name must be a plain non-empty name, got {edit_name!r}.")
+        if tokenizer is not None:
+            self.tokenizer = tokenizer
+        if self.tokenizer is None:
+            raise EditRequestError(
+                "Editing needs the model's tokenizer: pass tokenizer= to get_edited_model or add_edits."
+            )
+        existing = self._edits.get(edit_name)
+        if existing is not None and existing.config.to_dict() != config.to_dict():
+            raise EditConfigError(
+                f"The edit {edit_name!r} exists with another config ({existing.config.edit_type}); give a new "
+                "edit_name to add an edit with different settings."
+            )
+        requests = as_requests(requests)
+        editor = get_editor_class(config.edit_type)(config)
+        editor.check_model(self)
+        start = time.perf_counter()
+        with self._editing_state():
+            components = editor.compute_components(self, requests)
+        seconds = time.perf_counter() - start
+        components = self._validate_components(components)
+        fingerprint = model_fingerprint(self.base_model, self._original_tensors(components))
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = fingerprint["name_or_path"]
+        if config.revision is None:
+            config.revision = fingerprint["revision"]
+        self._install(edit_name, config, requests, components, fingerprint)
+        stats = self._edits[edit_name].stats
+        stats.update(editor.stats)
+        stats["edit_seconds"] = stats.get("edit_seconds", 0.0) + seconds
+        stats["num_edit_calls"] = stats.get("num_edit_calls", 0) + 1
+        logger.info("Edit %r: %d request(s) in %.2f s", edit_name, len(requests), seconds)
+        return self
+
+    def set_active_edits(self, edit_names: str | list[str]) -> None:
+        """Make exactly these edits active, in this order."""
+        names = [edit_names] if isinstance(edit_names, str) else list(edit_names)
+        self._check_names(names)
+        with self._unmerged():
+            self._active = names
+
+    def delete_edit(self, edit_name: str) -> None:
+        """Remove a named edit from the model."""
+        self._check_names([edit_name])
+        with self._unmerged():
+            del self._edits[edit_name]
+            self._active = [n for n in self._active if n != edit_name]
+        self._sync_hooks()
+
+    @contextlib.contextmanager
+    def disable_edits(self):
+        """Context manager in which the model computes exactly as the base model did."""
+        if self._disabled:
+            yield
+            return
+        swapped = self._swap_originals() if self._merged else {}
+        self._disabled = True
+        try:
+            yield
+        finally:
+            self._disabled = False
+            for path, merged_weight in swapped.items():
+                with torch.no_grad():
+                    self.base_model.get_submodule(path).weight.copy_(merged_weight)
+
+    # -- merging ---------------------------------------------------------------------------------------------------
+    def merge_edits(self) -> None:
+        """Write the active weight deltas into the base weights (faster inference); :meth:`unmerge_edits` undoes it.
+
+        The original weights are kept aside, so unmerging and :meth:`unload` stay bit-exact.
+        """
+        if self._merged:
+            return
+        deltas = self._active_weight_deltas()
+        for path, delta in deltas.items():
+            module = self.base_model.get_submodule(path)
+            self._originals.setdefault(path, module.weight.detach().clone())
+            merge_weight_delta(module, delta, self.layout.weights_transposed)
+        self._merged = list(self._active)
+
+    def unmerge_edits(self) -> None:
+        """Restore the original weights after :meth:`merge_edits`."""
+        for path, original in self._originals.items():
+            with torch.no_grad():
+                self.base_model.get_submodule(path).weight.copy_(original)
+        self._originals.clear()
+        self._merged = []
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge the active edits into the weights for good and return the base model, with no hooks left."""
+        side = [n for n in self._active for comps in self._edits[n].components.values() for c in comps
+                if not isinstance(c, WeightDelta)]
+        if side:
+            raise EditConfigError(
+                f"The edits {sorted(set(side))} add side modules, which cannot be merged into weights. Keep the "
+                "EditedModel, or save the edit and load it where needed."
+            )
+        self.unmerge_edits()
+        for path, delta in self._active_weight_deltas().items():
+            merge_weight_delta(self.base_model.get_submodule(path), delta, self.layout.weights_transposed)
+        return self._detach()
+
+    def unload(self) -> nn.Module:
+        """Remove every edit and return the base model with its original weights, bit for bit."""
+        self.unmerge_edits()
+        return self._detach()
+
+    def _detach(self) -> nn.Module:
+        for handle in self._hooks.values():
+            handle.remove()
+        self._hooks.clear()
+        self._edits.clear()
+        self._active = []
+        return self.base_model
+
+    # -- saving and loading ----------------------------------------------------------------------------------------
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, edit_names: list[str] | None = None, **kwargs
+    ) -> dict[str, int]:
+        """Save edits as artifacts: `default` at the root of `save_directory`, other names in subfolders.
+
+        Writes `edit_config.json`, `edit_weights.safetensors`, `edit_requests.jsonl` and a `README.md` model card per
+        edit, atomically: a failure leaves no half-written directory. Returns the bytes written per edit.
+        """
+        names = list(self._edits) if edit_names is None else list(edit_names)
+        self._check_names(names)
+        if not names:
+            raise EditNotFoundError("This model has no edits to save; add one with add_edits first.")
+        return artifacts.save_edits(self, names, save_directory, **kwargs)
+
+    def push_to_hub(self, repo_id: str, edit_names: list[str] | None = None, private: bool | None = None,
+                    token: str | bool | None = None, commit_message: str = "Upload edit with hf-knowedit", **kwargs):
+        """Save the edits into a temporary directory and upload them to the Hub repo `repo_id`."""
+        import tempfile
+
+        from .hub import push_folder_to_hub
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "edit"
+            self.save_pretrained(folder, edit_names=edit_names)
+            return push_folder_to_hub(folder, repo_id, private=private, token=token,
+                                      commit_message=commit_message, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        edit_id: str | os.PathLike,
+        edit_name: str = "default",
+        tokenizer=None,
+        subfolder: str | None = None,
+        **hub_kwargs,
+    ) -> "EditedModel":
+        """Load a saved edit (local directory or Hub repo id) onto `model`, checking it is the right base model."""
+        edited = model if isinstance(model, EditedModel) else cls(model, tokenizer)
+        if tokenizer is not None:
+            edited.tokenizer = tokenizer
+        edited.load_edit(edit_id, edit_name=edit_name, subfolder=subfolder, **hub_kwargs)
+        return edited
+
+    def load_edit(self, edit_id: str | os.PathLike, edit_name: str = "default", subfolder: str | None = None,
+                  **hub_kwargs) -> None:
+        """Load one saved edit under `edit_name` and activate it."""
+        if edit_name in self._edits:
+            raise EditConfigError(f"An edit named {edit_name!r} exists already; load under another edit_name.")
+        if subfolder is None and edit_name != "default":
+            root = resolve_artifact_dir(edit_id, **hub_kwargs)
+            if not (root / "edit_config.json").is_file() and (root / edit_name).is_dir():
+                subfolder = edit_name
+        directory = resolve_artifact_dir(edit_id, subfolder=subfolder, **hub_kwargs)
+        config, components, requests, fingerprint, stats = artifacts.load_edit_dir(directory)
+        for path in components:
+            self._module_or_raise(path, ArtifactError)
+        check_fingerprint(fingerprint, self.base_model, self._original_tensors(components), what=f"edit {edit_id}")
+        self._check_component_shapes(components)
+        self._install(edit_name, config, requests, components, fingerprint)
+        self._edits[edit_name].stats.update(stats)
+
+    # -- internals -------------------------------------------------------------------------------------------------
+    def _check_names(self, names: list[str]) -> None:
+        missing = [n for n in names if n not in self._edits]
+        if missing:
+            raise EditNotFoundError(f"No edit named {missing}; this model has {self.edit_names}.")
+
+    def _module_or_raise(self, path: str, error_cls=EditConfigError) -> nn.Module:
+        try:
+            return self.base_model.get_submodule(path)
+        except AttributeError:
+            raise error_cls(
+                f"The edit targets the module {path!r}, which {type(self.base_model).__name__} does not have."
+            ) from None
+
+    def _validate_components(self, components: dict) -> dict[str, list[EditComponent]]:
+        result = {}
+        for path, value in components.items():
+            comps = list(value) if isinstance(value, (list, tuple)) else [value]
+            self._module_or_raise(path)
+            for comp in comps:
+                comp.check_finite(path)
+            result[path] = comps
+        self._check_component_shapes(result)
+        return result
+
+    def _check_component_shapes(self, components: dict[str, list[EditComponent]]) -> None:
+        from .architectures import linear_shape
+
+        for path, comps in components.items():
+            module = self.base_model.get_submodule(path)
+            for comp in comps:
+                if isinstance(comp, WeightDelta) and tuple(comp.shape) != tuple(linear_shape(module)):
+                    raise ArtifactError(
+                        f"The {comp.kind} delta for {path} has shape {tuple(comp.shape)}, but the module's weight is "
+                        f"{tuple(linear_shape(module))} (out, in): the edit was made for another model."
+                    )
+
+    def _original_tensors(self, components) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for path in components:
+            module = self.base_model.get_submodule(path)
+            for name, param in module.named_parameters():
+                full = f"{path}.{name}"
+                tensors[full] = self._originals.get(path, param) if name == "weight" else param
+        return tensors
+
+    def _install(self, edit_name, config, requests, components, fingerprint) -> None:
+        with self._unmerged():
+            edit = self._edits.get(edit_name)
+            if edit is None:
+                self._edits[edit_name] = Edit(config, list(requests), components, fingerprint)
+                self._active.append(edit_name)
+            else:
+                for path, comps in components.items():
+                    stack = edit.components.setdefault(path, [])
+                    for comp in comps:
+                        combined = stack[-1].combine(comp) if stack else None
+                        if combined is not None:
+                            stack[-1] = combined
+                        else:
+                            stack.append(comp)
+                edit.requests.extend(requests)
+                edit.fingerprint["tensors"].update(fingerprint["tensors"])
+        self._sync_hooks()
+
+    def _sync_hooks(self) -> None:
+        needed = {path for edit in self._edits.values() for path in edit.components}
+        for path in list(self._hooks):
+            if path not in needed:
+                self._hooks.pop(path).remove()
+        for path in sorted(needed | set(self._pending)):
+            if path not in self._hooks:
+                module = self.base_model.get_submodule(path)
+                self._hooks[path] = module.register_forward_hook(self._make_hook(path), with_kwargs=True)
+
+    def _make_hook(self, path: str):
+        def hook(module, args, kwargs, output):
+            if self._disabled:
+                return None
+            comps = [c for name in self._active if name not in self._merged
+                     for c in self._edits[name].components.get(path, ())]
+            comps += self._pending.get(path, [])
+            if not comps:
+                return None
+            module_input = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+            device = first_tensor(module_input).device
+            for comp in comps:
+                if comp.device != device:
+                    comp.to(device)
+                output = comp(module_input, output)
+            return output
+
+        return hook
+
+    def _active_weight_deltas(self) -> dict[str, torch.Tensor]:
+        deltas: dict[str, torch.Tensor] = {}
+        for name in self._active:
+            for path, comps in self._edits[name].components.items():
+                for comp in comps:
+                    if isinstance(comp, WeightDelta):
+                        delta = comp.delta_weight()
+                        deltas[path] = deltas[path] + delta if path in deltas else delta
+        return deltas
+
+    def _swap_originals(self) -> dict[str, torch.Tensor]:
+        swapped = {}
+        for path, original in self._originals.items():
+            weight = self.base_model.get_submodule(path).weight
+            swapped[path] = weight.detach().clone()
+            with torch.no_grad():
+                weight.copy_(original)
+        return swapped
+
+    @contextlib.contextmanager
+    def _unmerged(self):
+        merged = bool(self._merged)
+        if merged:
+            self.unmerge_edits()
+        try:
+            yield
+        finally:
+            if merged:
+                self.merge_edits()
+
+    @contextlib.contextmanager
+    def _editing_state(self):
+        """Freeze the base parameters and evaluation mode while an editor runs; restore both afterwards."""
+        model = self.base_model
+        flags = {name: p.requires_grad for name, p in model.named_parameters()}
+        training = model.training
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            self._pending.clear()
+            self._sync_hooks()
+            for name, p in model.named_parameters():
+                p.requires_grad_(flags[name])
+                p.grad = None
+            model.train(training)
+
+    @contextlib.contextmanager
+    def temporary_components(self, components: dict[str, EditComponent | list[EditComponent]]):
+        """Apply `components` on top of the active edits inside the block (editors use it to train deltas)."""
+        for path, value in components.items():
+            self._module_or_raise(path)
+            self._pending.setdefault(path, []).extend(value if isinstance(value, list) else [value])
+        self._sync_hooks()
+        try:
+            yield
+        finally:
+            for path in components:
+                self._pending.pop(path, None)
+            self._sync_hooks()
+
+
+def get_edited_model(
+    model: nn.Module | str,
+    config: EditConfig,
+    requests: EditRequest | dict | Iterable[EditRequest | dict],
+    tokenizer=None,
+    edit_name: str = "default",
+) -> EditedModel:
+    """Edit `model` with the method of `config` on `requests` and return the :class:`EditedModel`.
+
+    `model` may be a `PreTrainedModel`, an `EditedModel` (the edit is added to it) or a model id or path (loaded with
+    its tokenizer). With `tokenizer=None`, the tokenizer saved beside the model is loaded from local files.
+
+    Example:
+
+    ```python
+    >>> from hf_knowedit import get_edited_model, FTConfig
+    >>> from tests.tiny_models import tiny_model, tiny_tokenizer
+    >>> request = {"prompt": "The capital of {} is", "subject": "Atlantis", "target_new": "Paris"}
+    >>> edited = get_edited_model(tiny_model("llama"), FTConfig(num_steps=2), [request], tokenizer=tiny_tokenizer())
+    >>> edited.active_edits
+    ['default']
+
+    ```
+    """
+    from .modeling import load_model_and_tokenizer, load_tokenizer_for
+
+    if isinstance(model, (str, os.PathLike)):
+        model, loaded_tokenizer = load_model_and_tokenizer(model)
+        tokenizer = tokenizer or loaded_tokenizer
+    if isinstance(model, EditedModel):
+        return model.add_edits(config, requests, edit_name=edit_name, tokenizer=tokenizer)
+    if tokenizer is None:
+        tokenizer = load_tokenizer_for(model)
+    return EditedModel(model, tokenizer).add_edits(config, requests, edit_name=edit_name)

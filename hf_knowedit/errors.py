@@ -1,0 +1,52 @@
+"""Typed errors raised by hf-knowedit.
+
+Every error subclasses the built-in exception that fits, so ``except ValueError`` keeps working, and every message
+says what was given, what was expected, and how to fix it.
+"""
+
+
+class KnowEditError(Exception):
+    """Base class of every error raised on purpose by hf-knowedit."""
+
+
+class EditRequestError(KnowEditError, ValueError):
+    """An edit request is malformed: missing subject, empty target, prompt too long for the model, ..."""
+
+
+class EditConfigError(KnowEditError, ValueError):
+    """An edit config has a field out of range, or belongs to another method than the one asked for."""
+
+
+class ArchitectureNotSupportedError(KnowEditError, ValueError):
+    """The model's structure could not be resolved into blocks, MLP projections, norms and head."""
+
+
+class BaseModelMismatchError(KnowEditError, ValueError):
+    """An artifact (edit, statistics, trained editor) was made for another base model than the one given."""
+
+
+class ArtifactError(KnowEditError, OSError):
+    """An artifact on disk or on the Hub is missing, truncated, corrupted, or not an hf-knowedit artifact."""
+
+
+class EditNotFoundError(KnowEditError, KeyError):
+    """A named edit does not exist on this model."""
+
+    def __str__(self):  # KeyError quotes its message; show it plainly
+        return str(self.args[0]) if self.args else ""
+
+
+class EditFailedError(KnowEditError, RuntimeError):
+    """An editing method could not produce a valid update (NaN or Inf, singular system, ...); nothing was changed."""
+
+
+__all__ = [
+    "KnowEditError",
+    "EditRequestError",
+    "EditConfigError",
+    "ArchitectureNotSupportedError",
+    "BaseModelMismatchError",
+    "ArtifactError",
+    "EditNotFoundError",
+    "EditFailedError",
+]
