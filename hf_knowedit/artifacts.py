@@ -110,7 +110,8 @@ def load_edit_dir(directory: Path):
             try:
                 comps.append(component_from_state(entry["kind"], state, entry.get("meta", {})))
             except (ValueError, KeyError, RuntimeError) as error:
-                raise ArtifactError(f"The saved {entry.get('kind')} component of {path} is malformed: {error}") from error
+                kind = entry.get("kind")
+                raise ArtifactError(f"The saved {kind} component of {path} is malformed: {error}") from error
         components[path] = comps
     requests = read_requests(directory / REQUESTS_NAME)
     return config, components, requests, fingerprint, data.get("edit_stats") or {}

@@ -53,7 +53,8 @@ class EditConfig:
             layers = list(self.layers)
             if not layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
                 raise EditConfigError(
-                    f"{type(self).__name__}.layers must be a non-empty list of layer indices or None, got {self.layers!r}."
+                    f"{type(self).__name__}.layers must be a non-empty list of layer indices or None, "
+                    f"got {self.layers!r}."
                 )
             if any(i < 0 for i in layers):
                 raise EditConfigError(

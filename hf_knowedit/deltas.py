@@ -157,7 +157,9 @@ class LowRankDelta(WeightDelta):
     def __init__(self, up: torch.Tensor, down: torch.Tensor):
         super().__init__()
         if up.dim() != 2 or down.dim() != 2 or up.shape[1] != down.shape[0]:
-            raise ValueError(f"LowRankDelta needs up (out, r) and down (r, in), got {tuple(up.shape)} and {tuple(down.shape)}.")
+            raise ValueError(
+                f"LowRankDelta needs up (out, r) and down (r, in), got {tuple(up.shape)} and {tuple(down.shape)}."
+            )
         self.register_buffer("up", up.detach().to(torch.float32).clone())
         self.register_buffer("down", down.detach().to(torch.float32).clone())
 

@@ -56,7 +56,8 @@ def check_fingerprint(fingerprint: dict, model, tensors: dict[str, torch.Tensor]
     if saved_type and identity["model_type"] and saved_type != identity["model_type"]:
         raise BaseModelMismatchError(
             f"This {what} was made for a {saved_type} model ({fingerprint.get('name_or_path')}), but the base model "
-            f"given is a {identity['model_type']} model ({identity['name_or_path']}). Load the base model it was made for."
+            f"given is a {identity['model_type']} model ({identity['name_or_path']}). Load the base model it was "
+            "made for."
         )
     inexact = []
     for name, saved in fingerprint.get("tensors", {}).items():

@@ -168,9 +168,8 @@ class EditRequest:
         if "rephrase_prompts" not in kwargs and data.get("rephrase_prompt"):
             kwargs["rephrase_prompts"] = data["rephrase_prompt"]
         if "locality" not in kwargs and data.get("locality_prompt"):
-            kwargs["locality"] = [
-                EvalPrompt(prompt=data["locality_prompt"], answer=data.get("locality_ground_truth"), kind="Neighborhood")
-            ]
+            answer = data.get("locality_ground_truth")
+            kwargs["locality"] = [EvalPrompt(prompt=data["locality_prompt"], answer=answer, kind="Neighborhood")]
         missing = [name for name in ("prompt", "subject", "target_new") if name not in kwargs]
         if missing:
             raise EditRequestError(

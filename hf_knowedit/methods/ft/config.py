@@ -64,7 +64,9 @@ class FTConfig(EditConfig):
         if self.variant not in VARIANTS:
             raise EditConfigError(f"FTConfig.variant must be one of {VARIANTS}, got {self.variant!r}.")
         if self.target_module not in TARGET_MODULES:
-            raise EditConfigError(f"FTConfig.target_module must be one of {TARGET_MODULES}, got {self.target_module!r}.")
+            raise EditConfigError(
+                f"FTConfig.target_module must be one of {TARGET_MODULES}, got {self.target_module!r}."
+            )
         if self.objective is None:
             self.objective = "target_tokens" if self.variant == "ft_m" else "prompt_last"
         if self.objective not in OBJECTIVES:
