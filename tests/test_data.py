@@ -18,6 +18,7 @@ from hf_knowedit.data import (
 from hf_knowedit.errors import EditRequestError
 from hf_knowedit.requests import EditRequest, EvalPrompt
 
+
 DATA_DIR = Path(
     os.environ.get("HF_KNOWEDIT_DATA_DIR") or Path(__file__).resolve().parents[1].parent / "shared" / "data"
 )
