@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "hf_knowedit" / "version.py").read_text()).group(1)
@@ -16,13 +16,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=[
-        "hf_knowedit",
-        "hf_knowedit.methods",
-        "hf_knowedit.methods.ft",
-        "hf_knowedit.hub_cards",
-        "hf_knowedit.editing_configs",
-    ],
+    packages=find_packages(include=["hf_knowedit", "hf_knowedit.*"])
+    + ["hf_knowedit.hub_cards", "hf_knowedit.editing_configs"],
     # The design card keeps card templates and ready configs at the top level; they ship inside the package.
     package_dir={
         "hf_knowedit": "hf_knowedit",
