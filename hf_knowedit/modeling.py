@@ -91,7 +91,12 @@ def load_default_model(dtype: torch.dtype = torch.float32, device_map=None, **kw
 
     ```
     """
-    return load_model_and_tokenizer(str(convert_default_model()), dtype=dtype, device_map=device_map, **kwargs)
+    model, tokenizer = load_model_and_tokenizer(
+        str(convert_default_model()), dtype=dtype, device_map=device_map, **kwargs
+    )
+    # Record the Hub name rather than this machine's cache path: edits and cards then name the base model portably.
+    model.config._name_or_path = f"HuggingFaceTB/{DEFAULT_MODEL_NAME}"
+    return model, tokenizer
 
 
 def load_model_and_tokenizer(name_or_path: str | os.PathLike, dtype=None, device_map=None, **kwargs):
@@ -122,6 +127,8 @@ def load_tokenizer_for(model):
     from transformers import AutoTokenizer
 
     name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+    if name in DEFAULT_MODEL_ALIASES and default_model_cache_dir().is_dir():
+        name = str(default_model_cache_dir())
     if name:
         try:
             return prepare_tokenizer(AutoTokenizer.from_pretrained(name, local_files_only=True))

@@ -1,0 +1,490 @@
+"""The `hf-knowedit` command line: edit a model from the shell, or watch a short demo of the whole workflow.
+
+Each subcommand is built by an `add_<name>_parser(subparsers)` function that adds its parser and sets `func`, the
+function that runs it and returns the exit code. :func:`build_parser` calls every function in
+:data:`SUBCOMMAND_PARSERS`; a new subcommand defined in another module is added by appending its function there.
+
+Unlike the library, the command line prints its results. Errors of the library (:class:`~hf_knowedit.KnowEditError`)
+are reported as one line, `error: ...`, on stderr, with exit code 2.
+"""
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+DEMO_PROMPT = "The mother tongue of {} is"
+DEMO_SUBJECT = "Danielle Darrieux"
+DEMO_TARGET = "English"
+DEMO_NUM_RECORDS = 5
+COUNTERFACT_FILE = Path("counterfact_easyedit") / "counterfact-edit.json"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+# -- parsers -----------------------------------------------------------------------------------------------------------
+def add_edit_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `hf-knowedit edit`: apply an edit to a model, show completions before and after, optionally save it."""
+    from .config import EDIT_METHODS
+
+    parser = subparsers.add_parser(
+        "edit",
+        help="Edit a fact in a model and show its completions before and after.",
+        description=(
+            "Edit one fact given on the command line (--prompt, --subject, --target-new) or the requests of a dataset "
+            "file (--requests), print the greedy completion of each prompt before and after the edit, and save the "
+            "edit with --output."
+        ),
+    )
+    methods = sorted(EDIT_METHODS)
+    parser.add_argument(
+        "--method",
+        choices=methods,
+        default=None,
+        help="Editing method (default: the edit_type of --config, else 'ft').",
+    )
+    fact = parser.add_argument_group("one fact")
+    fact.add_argument("--prompt", help="Edit prompt with '{}' where the subject goes: 'The mother tongue of {} is'.")
+    fact.add_argument("--subject", help="The subject of the fact, e.g. 'Danielle Darrieux'.")
+    fact.add_argument("--target-new", help="The new object the model should produce, e.g. 'English'.")
+    fact.add_argument("--target-true", default=None, help="The object the model knew before the edit (optional).")
+    dataset = parser.add_argument_group("many facts")
+    dataset.add_argument(
+        "--requests",
+        metavar="FILE",
+        help="A dataset file read by hf_knowedit.load_edit_dataset (CounterFact, zsRE, KnowEdit, WikiBio, JSONL of "
+        "EditRequest dicts) or an edit artifact's folder.",
+    )
+    dataset.add_argument("--n", type=int, default=None, help="How many requests of --requests to edit (default: all).")
+    dataset.add_argument("--offset", type=int, default=0, help="How many requests of --requests to skip first.")
+    parser.add_argument(
+        "--model", default="default", help="Model id or local path (default: the embedded SmolLM2-135M-Instruct)."
+    )
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="Dtype to load the model in.")
+    parser.add_argument(
+        "--config",
+        metavar="CONFIG.json",
+        help="A JSON edit config (an artifact's edit_config.json, a file of editing_configs/, or an artifact folder).",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Override a config field; VALUE is read as JSON, else as a string (--set num_steps=10 --set layers=[3]).",
+    )
+    parser.add_argument("--edit-name", default="default", help="Name of the edit (default: 'default').")
+    parser.add_argument("--output", metavar="DIR", help="Save the edit artifact into DIR.")
+    parser.add_argument("--max-new-tokens", type=int, default=8, help="Tokens generated per completion (default: 8).")
+    parser.set_defaults(func=run_edit)
+    return parser
+
+
+def add_demo_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `hf-knowedit demo`: a scripted tour of editing, disabling, saving, reloading and evaluating."""
+    parser = subparsers.add_parser(
+        "demo",
+        help="A one-minute tour: edit, disable, save, reload, and a small evaluation on CounterFact.",
+        description=(
+            "Edit 'The mother tongue of Danielle Darrieux is' to ' English' with FT-M on the default model, show that "
+            "disable_edits() gives the original back, save and reload the edit, and evaluate 5 CounterFact edits "
+            "(read from $HF_KNOWEDIT_DATA_DIR/counterfact_easyedit/counterfact-edit.json)."
+        ),
+    )
+    parser.add_argument("--model", default="default", help="Model id or local path (default: the embedded model).")
+    parser.add_argument("--output", metavar="DIR", help="Save the demo's edit into DIR (default: a temporary folder).")
+    parser.add_argument("--max-new-tokens", type=int, default=8, help="Tokens generated per completion (default: 8).")
+    parser.set_defaults(func=run_demo)
+    return parser
+
+
+SUBCOMMAND_PARSERS = [add_edit_parser, add_demo_parser]
+"""The functions that add the subcommands, in the order `--help` lists them; append new ones here."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `hf-knowedit` argument parser, with one subcommand per function of :data:`SUBCOMMAND_PARSERS`."""
+    import hf_knowedit  # registers the built-in methods, so `--method` offers every one of them
+
+    parser = argparse.ArgumentParser(
+        prog="hf-knowedit",
+        description="Knowledge editing for Hugging Face models: small, reversible, shareable edits.",
+    )
+    parser.add_argument("--version", action="version", version=f"hf-knowedit {hf_knowedit.__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Show the library's log messages.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add_parser in SUBCOMMAND_PARSERS:
+        add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line on `argv` (default: `sys.argv[1:]`) and return the exit code."""
+    from .errors import KnowEditError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_output(args.verbose)
+    try:
+        return args.func(args) or 0
+    except KnowEditError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+# -- edit --------------------------------------------------------------------------------------------------------------
+def run_edit(args) -> int:
+    """Run `hf-knowedit edit`."""
+    import torch
+
+    from .edited_model import get_edited_model
+
+    requests = _requests_from_args(args)
+    config = build_config(args.method, args.config, args.overrides)
+    if args.max_new_tokens < 1:
+        raise _usage_error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
+
+    model, tokenizer = _load_model(args.model, dtype=getattr(torch, args.dtype))
+    prompts = [r.filled_prompt for r in requests]
+    before = [greedy_completion(model, tokenizer, p, args.max_new_tokens) for p in prompts]
+
+    print(f"Editing {len(requests)} request(s) with {config.edit_type} ({type(config).__name__}) ...")
+    start = time.perf_counter()
+    edited = get_edited_model(model, config, requests, tokenizer=tokenizer, edit_name=args.edit_name)
+    seconds = time.perf_counter() - start
+    after = [greedy_completion(edited, tokenizer, p, args.max_new_tokens) for p in prompts]
+
+    for request, old, new in zip(requests, before, after):
+        print()
+        print(f"prompt: {request.filled_prompt!r}   target_new: {request.target_new!r}")
+        print(f"  before: {old!r}")
+        print(f"  after:  {new!r}")
+    print()
+    stats = edited.get_edit(args.edit_name).stats
+    details = ", ".join(f"{k}={_short(v)}" for k, v in stats.items() if k not in ("edit_seconds", "num_edit_calls"))
+    print(f"Edit time: {seconds:.2f} s" + (f" ({details})" if details else ""))
+    if args.output:
+        _save(edited, args.output, args.edit_name)
+    return 0
+
+
+def build_config(method: str | None, config_path: str | None, overrides: list[str]):
+    """The edit config of `method`, read from `config_path` (if given) with `KEY=VALUE` overrides applied."""
+    from .config import EditConfig, get_config_class, read_config_file
+    from .errors import EditConfigError
+
+    data: dict = {}
+    if config_path:
+        path = Path(config_path).expanduser()
+        if path.is_dir():
+            data = read_config_file(path)
+        elif path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise EditConfigError(f"--config {config_path} is not valid JSON: {error}") from None
+            if not isinstance(data, dict):
+                raise EditConfigError(f"--config {config_path} must hold a JSON object of config fields.")
+        else:
+            raise EditConfigError(f"--config {config_path} does not exist; give a JSON file or an artifact folder.")
+        # The base model of a saved edit is not the base model of this one: it is filled in when editing.
+        for key in ("base_model_name_or_path", "revision"):
+            data.pop(key, None)
+        file_method = data.get("edit_type")
+        if method and file_method and file_method != method:
+            raise EditConfigError(
+                f"--config {config_path} is a config of the method {file_method!r}, but --method is {method!r}; "
+                "drop --method or give a config of that method."
+            )
+        method = method or file_method
+    method = method or "ft"
+    config_cls = get_config_class(method)
+    names = sorted(f.name for f in dataclasses.fields(config_cls) if f.init)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise EditConfigError(f"--set expects KEY=VALUE, got {item!r}; e.g. --set num_steps=10.")
+        if key not in names:
+            raise EditConfigError(
+                f"--set {key}: {config_cls.__name__} has no field {key!r}; its fields are {names}."
+            )
+        try:
+            data[key] = json.loads(text)
+        except json.JSONDecodeError:
+            data[key] = text
+    data["edit_type"] = method
+    try:
+        return EditConfig.from_dict(data)
+    except TypeError as error:  # a value of the wrong type that the config's checks did not catch
+        raise EditConfigError(f"Invalid {config_cls.__name__} fields: {error}") from None
+
+
+def _requests_from_args(args):
+    from .data import load_edit_dataset
+    from .requests import EditRequest
+
+    fact = [args.prompt, args.subject, args.target_new]
+    if args.requests:
+        if any(v is not None for v in fact + [args.target_true]):
+            raise _usage_error("give either --requests FILE or --prompt/--subject/--target-new, not both.")
+        if not Path(args.requests).expanduser().exists():
+            raise _usage_error(f"--requests {args.requests} does not exist.")
+        return load_edit_dataset(args.requests, n=args.n, offset=args.offset)
+    if args.n is not None or args.offset:
+        raise _usage_error("--n and --offset select records of --requests FILE; give --requests too.")
+    missing = [f"--{name}" for name, v in zip(("prompt", "subject", "target-new"), fact) if not v]
+    if missing:
+        raise _usage_error(f"missing {', '.join(missing)}: give the fact to edit, or --requests FILE.")
+    return [EditRequest(prompt=args.prompt, subject=args.subject, target_new=args.target_new,
+                        target_true=args.target_true)]
+
+
+def _usage_error(message: str):
+    from .errors import EditRequestError
+
+    return EditRequestError(message)
+
+
+def _save(edited, output: str, edit_name: str) -> None:
+    sizes = edited.save_pretrained(output, edit_names=[edit_name])
+    for name, size in sizes.items():
+        folder = Path(output) if name == "default" else Path(output) / name
+        print(f"Saved the edit {name!r} to {folder.resolve()} ({size:,} bytes)")
+
+
+# -- demo --------------------------------------------------------------------------------------------------------------
+def run_demo(args) -> int:
+    """Run `hf-knowedit demo`."""
+    from .edited_model import EditedModel, get_edited_model
+    from .methods.ft import FTConfig
+    from .requests import EditRequest
+
+    started = time.perf_counter()
+    n = args.max_new_tokens
+    request = EditRequest(prompt=DEMO_PROMPT, subject=DEMO_SUBJECT, target_new=DEMO_TARGET)
+    prompt = request.filled_prompt
+
+    _step(1, "Load the model")
+    model, tokenizer = _load_model(args.model)
+    before = greedy_completion(model, tokenizer, prompt, n)
+    print(f"  {prompt!r} -> {before!r}")
+
+    _step(2, f"Edit it with FT-M (FTConfig()) so that the answer is {' ' + DEMO_TARGET!r}")
+    print("  edited = get_edited_model(model, FTConfig(), EditRequest(prompt='The mother tongue of {} is',")
+    print("                            subject='Danielle Darrieux', target_new='English'), tokenizer=tokenizer)")
+    start = time.perf_counter()
+    edited = get_edited_model(model, FTConfig(), request, tokenizer=tokenizer)
+    seconds = time.perf_counter() - start
+    after = greedy_completion(edited, tokenizer, prompt, n)
+    edit = edited.get_edit()
+    print(f"  edit time {seconds:.1f} s; changed modules: {sorted(edit.components)}")
+    print(f"  {prompt!r} -> {after!r}")
+    if not after.lstrip().startswith(DEMO_TARGET):
+        print(f"  (the edit did not make the model say {DEMO_TARGET!r} here)")
+
+    _step(3, "Switch the edit off: `with edited.disable_edits():`")
+    with edited.disable_edits():
+        disabled = greedy_completion(edited, tokenizer, prompt, n)
+    print(f"  {prompt!r} -> {disabled!r}   (same as before the edit: {disabled == before})")
+
+    _step(4, "Save the edit: edited.save_pretrained(folder)")
+    with tempfile.TemporaryDirectory(prefix="hf-knowedit-demo-") as tmp:
+        folder = Path(args.output) if args.output else Path(tmp) / "danielle-darrieux-english"
+        sizes = edited.save_pretrained(folder)
+        folder = folder.resolve()
+        print(f"  {folder} ({sizes['default']:,} bytes in all)")
+        for file in sorted(folder.iterdir()):
+            print(f"    {file.name:<28} {file.stat().st_size:>12,} bytes")
+
+        _step(5, "Reload it onto a fresh copy of the base model: EditedModel.from_pretrained(base, folder)")
+        fresh, _ = _load_model(args.model)
+        reloaded = EditedModel.from_pretrained(fresh, folder, tokenizer=tokenizer)
+        again = greedy_completion(reloaded, tokenizer, prompt, n)
+        print(f"  {prompt!r} -> {again!r}   (same as the edited model: {again == after})")
+
+    _step(6, f"A small evaluation: {DEMO_NUM_RECORDS} CounterFact edits at once, on the base model again")
+    base = reloaded.unload()  # the fresh model, with its original weights
+    records = _demo_counterfact_requests()
+    if records is not None:
+        _demo_evaluation(base, tokenizer, records)
+
+    print(f"\nDemo finished in {time.perf_counter() - started:.0f} s.")
+    return 0
+
+
+def _demo_counterfact_requests():
+    from .data import load_edit_dataset
+
+    data_dir = os.environ.get("HF_KNOWEDIT_DATA_DIR")
+    if not data_dir:
+        print("  Skipped: set HF_KNOWEDIT_DATA_DIR to the folder that holds counterfact_easyedit/counterfact-edit.json "
+              "(the Makefile sets it to ../shared/data).")
+        return None
+    path = Path(data_dir).expanduser() / COUNTERFACT_FILE
+    if not path.is_file():
+        print(f"  Skipped: {path} was not found (HF_KNOWEDIT_DATA_DIR={data_dir}).")
+        return None
+    print(f"  the first {DEMO_NUM_RECORDS} valid records of {path}")
+    return load_edit_dataset(path, n=DEMO_NUM_RECORDS)
+
+
+def _demo_evaluation(model, tokenizer, requests) -> None:
+    """Edit `requests` in one batch and print reliability, generalization and locality, record by record.
+
+    A deliberately small computation for the demo (hf_knowedit.metrics holds the full evaluation):
+
+    - *reliability* (edit prompt) and *generalization* (rephrased prompt): the share of the new target's tokens that
+      are the model's top-1 prediction given the prompt and the target's previous tokens (teacher forcing, as in
+      EasyEdit), and whether the greedy completion starts with the new target;
+    - *locality*: the share of the locality prompt's top-1 predictions (teacher-forced on its answer) that the edit
+      left unchanged.
+    """
+    from .edited_model import get_edited_model
+    from .methods.ft import FTConfig
+
+    start = time.perf_counter()
+    edited = get_edited_model(model, FTConfig(), requests, tokenizer=tokenizer)
+    print(f"  batch edit of {len(requests)} requests with FTConfig(): {time.perf_counter() - start:.1f} s")
+    print("  rel = reliability on the edit prompt, gen = generalization on the rephrased prompt, each as target token")
+    print("  accuracy (teacher-forced top-1) and [greedy completion starts with the target: y/n]; loc = share of the")
+    print("  locality prompt's top-1 predictions the edit left unchanged.")
+    print(f"  {'case':>4}  {'subject':<24} {'target_new':<14} {'rel':>9} {'gen':>9} {'loc':>6}")
+    rows = []
+    for r in requests:
+        rel = _target_token_accuracy(edited, tokenizer, r.filled_prompt, r.target_new)
+        rel_greedy = _starts_with(greedy_completion(edited, tokenizer, r.filled_prompt, 4), r.target_new)
+        gen, gen_greedy = float("nan"), None
+        if r.rephrase_prompts:
+            gen = _target_token_accuracy(edited, tokenizer, r.rephrase_prompts[0], r.target_new)
+            gen_greedy = _starts_with(greedy_completion(edited, tokenizer, r.rephrase_prompts[0], 4), r.target_new)
+        loc = float("nan")
+        if r.locality:
+            probe = r.locality[0]
+            answer = probe.answers[0] if probe.answers else greedy_completion(edited, tokenizer, probe.prompt, 1)
+            after = _top1_predictions(edited, tokenizer, probe.prompt, answer)
+            with edited.disable_edits():
+                before = _top1_predictions(edited, tokenizer, probe.prompt, answer)
+            loc = sum(a == b for a, b in zip(after, before)) / len(before)
+        rows.append((rel, rel_greedy, gen, gen_greedy, loc))
+        print(f"  {str(r.case_id):>4}  {r.subject[:24]:<24} {r.target_new[:14]:<14} {_cell(rel, rel_greedy):>9} "
+              f"{_cell(gen, gen_greedy):>9} {loc:>6.2f}")
+    means = [sum(col) / len(col) for col in zip(*[(a, c, e) for a, _, c, _, e in rows])]
+    rel_hits = sum(bool(row[1]) for row in rows)
+    gen_hits = sum(bool(row[3]) for row in rows)
+    print(f"  {'mean':>4}  {'':<24} {'':<14} {means[0]:>9.2f} {means[1]:>9.2f} {means[2]:>6.2f}")
+    print(f"  greedy completion starts with the target: {rel_hits}/{len(rows)} edit prompts, "
+          f"{gen_hits}/{len(rows)} rephrased prompts")
+
+
+def _top1_predictions(model, tokenizer, prompt: str, target: str) -> list[int]:
+    """The model's top-1 token at each position of `target` after `prompt`, teacher-forced."""
+    import torch
+
+    from .tokenization import encode_prompt_target
+
+    batch = encode_prompt_target(tokenizer, [prompt], [target], model=model)
+    with torch.no_grad():
+        logits = model(**batch.model_inputs()).logits
+    predicted = batch.target_logits(logits).argmax(-1)[0]
+    mask = batch.labels[0] != -100
+    return predicted[mask].tolist()
+
+
+def _target_token_accuracy(model, tokenizer, prompt: str, target: str) -> float:
+    from .tokenization import split_prompt_target
+
+    predicted = _top1_predictions(model, tokenizer, prompt, target)
+    if getattr(model.config, "is_encoder_decoder", False):
+        target_ids = list(tokenizer(target)["input_ids"])
+    else:
+        target_ids = split_prompt_target(tokenizer, prompt, target)[1]
+    return sum(p == t for p, t in zip(predicted, target_ids)) / len(target_ids)
+
+
+def _starts_with(completion: str, target: str) -> bool:
+    return completion.strip().lower().startswith(target.strip().lower())
+
+
+def _cell(accuracy: float, greedy: bool | None) -> str:
+    if accuracy != accuracy:  # NaN: no such prompt
+        return "-"
+    return f"{accuracy:.2f} [{'y' if greedy else 'n'}]"
+
+
+def _step(number: int, title: str) -> None:
+    print(f"\n[{number}] {title}")
+
+
+# -- shared helpers ----------------------------------------------------------------------------------------------------
+def greedy_completion(model, tokenizer, prompt: str, max_new_tokens: int = 8) -> str:
+    """The greedy (deterministic) continuation of `prompt`, decoded without special tokens."""
+    import torch
+
+    inputs = tokenizer(prompt, return_tensors="pt")
+    device = model.get_input_embeddings().weight.device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    with torch.no_grad():
+        output = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    if not getattr(model.config, "is_encoder_decoder", False):
+        output = output[:, inputs["input_ids"].shape[1] :]
+    return tokenizer.decode(output[0], skip_special_tokens=True)
+
+
+def _load_model(name_or_path: str, dtype=None):
+    import torch
+
+    from .modeling import (
+        CACHE_MARKER,
+        DEFAULT_MODEL_ALIASES,
+        DEFAULT_MODEL_NAME,
+        default_model_cache_dir,
+        load_model_and_tokenizer,
+    )
+
+    start = time.perf_counter()
+    is_default = name_or_path in DEFAULT_MODEL_ALIASES and not Path(name_or_path).exists()
+    if is_default and not (default_model_cache_dir() / CACHE_MARKER).is_file():
+        print(f"  Loading the default model {DEFAULT_MODEL_NAME}: this first run converts its GGUF file to "
+              f"safetensors under {default_model_cache_dir()} (about 20 s, once) ...")
+    else:
+        print(f"  Loading {DEFAULT_MODEL_NAME if is_default else name_or_path} ...")
+    model, tokenizer = load_model_and_tokenizer(name_or_path, dtype=dtype or torch.float32)
+    print(f"  loaded {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, "
+          f"{next(model.parameters()).dtype}) in {time.perf_counter() - start:.1f} s")
+    return model, tokenizer
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _configure_output(verbose: bool) -> None:
+    """The command line, unlike the library, chooses what reaches the terminal."""
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        os.environ.setdefault("HF_KNOWEDIT_DISABLE_PROGRESS_BARS", "1")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
