@@ -2,7 +2,8 @@
 
 An edit directory holds:
 
-- `edit_config.json`: the method's config, the base model's fingerprint, and what each module's components are;
+- `edit_config.json`: the method's config, the base model's fingerprint, what each module's components are, and the
+  SHA-256 of the weights file;
 - `edit_weights.safetensors`: the components' tensors (factors for low-rank edits, touched slices for sparse ones),
   keyed `<module path>.<index>.<tensor name>`;
 - `edit_requests.jsonl`: the requests, one JSON object a line;
@@ -11,6 +12,7 @@ An edit directory holds:
 Nothing here unpickles: tensors go through safetensors, everything else through JSON.
 """
 
+import hashlib
 import json
 from importlib import resources
 from pathlib import Path
@@ -66,12 +68,14 @@ def write_edit_dir(edited, name: str, directory: Path, card_metrics: dict | None
         edit_modules=modules,
         num_requests=len(edit.requests),
         edit_stats=stats,
+        weights_sha256=file_sha256(directory / WEIGHTS_NAME),
     )
     with open(directory / REQUESTS_NAME, "w", encoding="utf-8") as handle:
         for request in edit.requests:
             handle.write(json.dumps(request.to_dict(), sort_keys=True, ensure_ascii=False) + "\n")
     weight_bytes = (directory / WEIGHTS_NAME).stat().st_size
-    (directory / CARD_NAME).write_text(render_card(edit, weight_bytes, card_metrics), encoding="utf-8")
+    layers = edited_layers(edited.layout.blocks_path, edit.components)
+    (directory / CARD_NAME).write_text(render_card(edit, weight_bytes, card_metrics, layers), encoding="utf-8")
     return sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
 
 
@@ -92,6 +96,12 @@ def load_edit_dir(directory: Path):
     weights_path = directory / WEIGHTS_NAME
     if not weights_path.is_file():
         raise ArtifactError(f"{weights_path} is missing: the artifact is incomplete; save or download it again.")
+    expected = data.get("weights_sha256")
+    if expected is not None and file_sha256(weights_path) != expected:
+        raise ArtifactError(
+            f"{weights_path} does not match the SHA-256 recorded in edit_config.json: the file is corrupted or was "
+            "replaced; save or download the artifact again."
+        )
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
@@ -117,6 +127,14 @@ def load_edit_dir(directory: Path):
     return config, components, requests, fingerprint, data.get("edit_stats") or {}
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_requests(path: Path) -> list[EditRequest]:
     if not path.is_file():
         return []
@@ -130,8 +148,18 @@ def read_requests(path: Path) -> list[EditRequest]:
     return requests
 
 
-def render_card(edit, weight_bytes: int, metrics: dict | None = None) -> str:
-    """The model card of an edit: YAML metadata for the Hub, then a description rendered from the template."""
+def edited_layers(blocks_path: str, module_paths) -> list[int]:
+    """The block indices that the modules at `module_paths` belong to (`"model.layers.3.mlp.down_proj"` -> 3)."""
+    prefix = f"{blocks_path}."
+    heads = [path[len(prefix) :].split(".")[0] for path in module_paths if path.startswith(prefix)]
+    return sorted({int(head) for head in heads if head.isdigit()})
+
+
+def render_card(edit, weight_bytes: int, metrics: dict | None = None, layers: list[int] | None = None) -> str:
+    """The model card of an edit: YAML metadata for the Hub, then a description rendered from the template.
+
+    `layers` are the blocks the edit changes; by default the config's `layers`, which is `None` when the method chose.
+    """
     from jinja2 import Template
 
     config = edit.config
@@ -140,11 +168,11 @@ def render_card(edit, weight_bytes: int, metrics: dict | None = None) -> str:
         "library_name": "hf-knowedit",
         "tags": ["hf-knowedit", "knowledge-editing", config.edit_type],
         "edit_method": config.edit_type,
-        "edited_layers": config.layers,
+        "edited_layers": layers if layers is not None else config.layers,
         "edited_modules": sorted(edit.components),
         "num_requests": len(edit.requests),
     }
-    if base and not Path(base).is_absolute():
+    if base and not Path(base).expanduser().is_absolute() and not Path(base).exists():  # a Hub id, not a path
         metadata["base_model"] = base
     if metrics:
         metadata["edit_metrics"] = metrics

@@ -19,7 +19,9 @@ logger = get_logger(__name__)
 
 CONFIG_NAME = "edit_config.json"
 # Keys an artifact's edit_config.json holds besides the config's own fields.
-ARTIFACT_KEYS = ("hf_knowedit_version", "base_model_fingerprint", "edit_modules", "num_requests", "edit_stats")
+ARTIFACT_KEYS = (
+    "hf_knowedit_version", "base_model_fingerprint", "edit_modules", "num_requests", "edit_stats", "weights_sha256"
+)
 
 EDIT_METHODS: dict[str, tuple[type["EditConfig"], type]] = {}
 

@@ -1,6 +1,7 @@
 """`EditedModel`: a base model with named, switchable, saveable edits, in the manner of `peft.PeftModel`."""
 
 import contextlib
+import copy
 import os
 import time
 from collections.abc import Iterable
@@ -12,7 +13,7 @@ from torch import nn
 
 from . import artifacts
 from .architectures import resolve_layout
-from .config import EditConfig, get_editor_class
+from .config import CONFIG_NAME, EditConfig, get_editor_class
 from .deltas import EditComponent, WeightDelta, first_tensor, merge_weight_delta
 from .errors import ArtifactError, EditConfigError, EditNotFoundError, EditRequestError
 from .fingerprint import check_fingerprint, model_fingerprint
@@ -36,6 +37,32 @@ class Edit:
 
     def num_bytes(self) -> int:
         return sum(c.num_bytes() for comps in self.components.values() for c in comps)
+
+
+# -- model-level components ------------------------------------------------------------------------------------------
+# Side-memory editors that decide per prompt (SERAC, IKE) cannot be module hooks: they sit at the pseudo module path
+# MODEL_ROOT and EditedModel.forward / generate ask them, prompt by prompt, for a context to put before the prompt.
+MODEL_ROOT = ""
+
+
+class ModelComponent(EditComponent):
+    """A component of the whole model call, stored at the pseudo module path `""` (:data:`MODEL_ROOT`).
+
+    While it is active, :meth:`EditedModel.forward` and :meth:`EditedModel.generate` decode every prompt of the batch
+    and call :meth:`route`; a prompt that gets a context text is answered by the model conditioned on
+    `context + prompt` (its logits are read back at the prompt's own positions), the others by the model as it is.
+    When no prompt of a batch is routed, the call is the plain model call, bit for bit. The fingerprint of such an
+    edit is the model's input embedding.
+    """
+
+    kind = "model_component"
+
+    def route(self, edited_model, prompts: list[str]) -> list[str | None]:
+        """For each prompt text, the context to put before it, or `None` to leave the prompt as it is."""
+        raise NotImplementedError
+
+    def forward(self, module_input, module_output):
+        raise TypeError(f"A {self.kind} component routes whole prompts; it is not a module hook.")
 
 
 class EditedModel(nn.Module):
@@ -89,10 +116,12 @@ class EditedModel(nn.Module):
             return getattr(self.base_model, name)
 
     def forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
+        routed = self._routed_call(args, kwargs, generate=False)
+        return routed if routed is not None else self.base_model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
-        return self.base_model.generate(*args, **kwargs)
+        routed = self._routed_call(args, kwargs, generate=True)
+        return routed if routed is not None else self.base_model.generate(*args, **kwargs)
 
     def get_base_model(self) -> nn.Module:
         return self.base_model
@@ -138,8 +167,9 @@ class EditedModel(nn.Module):
             raise EditRequestError(
                 "Editing needs the model's tokenizer: pass tokenizer= to get_edited_model or add_edits."
             )
+        config = copy.deepcopy(config)  # the base model's name is filled in below; the caller's object stays as given
         existing = self._edits.get(edit_name)
-        if existing is not None and existing.config.to_dict() != config.to_dict():
+        if existing is not None and _method_settings(existing.config) != _method_settings(config):
             raise EditConfigError(
                 f"The edit {edit_name!r} exists with another config ({existing.config.edit_type}); give a new "
                 "edit_name to add an edit with different settings."
@@ -298,13 +328,15 @@ class EditedModel(nn.Module):
             raise EditConfigError(f"An edit named {edit_name!r} exists already; load under another edit_name.")
         if subfolder is None and edit_name != "default":
             root = resolve_artifact_dir(edit_id, **hub_kwargs)
-            if not (root / "edit_config.json").is_file() and (root / edit_name).is_dir():
+            if (root / edit_name / CONFIG_NAME).is_file():
                 subfolder = edit_name
         directory = resolve_artifact_dir(edit_id, subfolder=subfolder, **hub_kwargs)
         config, components, requests, fingerprint, stats = artifacts.load_edit_dir(directory)
+        # The fingerprint first: an edit made for another architecture is a base-model mismatch, not a broken file.
+        present = [path for path in components if _has_submodule(self.base_model, path)]
+        check_fingerprint(fingerprint, self.base_model, self._original_tensors(present), what=f"edit {edit_id}")
         for path in components:
             self._module_or_raise(path, ArtifactError)
-        check_fingerprint(fingerprint, self.base_model, self._original_tensors(components), what=f"edit {edit_id}")
         self._check_component_shapes(components)
         self._install(edit_name, config, requests, components, fingerprint)
         self._edits[edit_name].stats.update(stats)
@@ -340,6 +372,9 @@ class EditedModel(nn.Module):
         for path, comps in components.items():
             module = self.base_model.get_submodule(path)
             for comp in comps:
+                check_compatible = getattr(comp, "check_compatible", None)  # side modules check their own shapes
+                if check_compatible is not None:
+                    check_compatible(self, path)
                 if isinstance(comp, WeightDelta) and tuple(comp.shape) != tuple(linear_shape(module)):
                     raise ArtifactError(
                         f"The {comp.kind} delta for {path} has shape {tuple(comp.shape)}, but the module's weight is "
@@ -349,6 +384,9 @@ class EditedModel(nn.Module):
     def _original_tensors(self, components) -> dict[str, torch.Tensor]:
         tensors = {}
         for path in components:
+            if path == MODEL_ROOT:  # a model-level component depends on the whole model: fingerprint its embedding
+                tensors[f"{self.layout.embed_path}.weight"] = self.base_model.get_input_embeddings().weight
+                continue
             module = self.base_model.get_submodule(path)
             for name, param in module.named_parameters():
                 full = f"{path}.{name}"
@@ -375,7 +413,7 @@ class EditedModel(nn.Module):
         self._sync_hooks()
 
     def _sync_hooks(self) -> None:
-        needed = {path for edit in self._edits.values() for path in edit.components}
+        needed = {path for edit in self._edits.values() for path in edit.components if path != MODEL_ROOT}
         for path in list(self._hooks):
             if path not in needed:
                 self._hooks.pop(path).remove()
@@ -388,8 +426,9 @@ class EditedModel(nn.Module):
         def hook(module, args, kwargs, output):
             if self._disabled:
                 return None
-            comps = [c for name in self._active if name not in self._merged
-                     for c in self._edits[name].components.get(path, ())]
+            # Weight deltas of merged edits are in the weights already; their side modules still run here.
+            comps = [c for name in self._active for c in self._edits[name].components.get(path, ())
+                     if name not in self._merged or not isinstance(c, WeightDelta)]
             comps += self._pending.get(path, [])
             if not comps:
                 return None
@@ -402,6 +441,82 @@ class EditedModel(nn.Module):
             return output
 
         return hook
+
+    # -- model-level routing (see ModelComponent) ---------------------------------------------------------------------
+    def _routed_call(self, args, kwargs, generate: bool):
+        """Run the call with each prompt routed by the active model-level components, or `None` when none applies."""
+        routers = [] if self._disabled else [
+            c for name in self._active for c in self._edits[name].components.get(MODEL_ROOT, ())
+        ]
+        kwargs = dict(kwargs)
+        input_ids = kwargs.pop("input_ids", args[0] if args else None)
+        if not routers or not isinstance(input_ids, torch.Tensor) or kwargs.get("inputs_embeds") is not None:
+            return None
+        if kwargs.get("past_key_values") is not None and not generate:
+            raise EditConfigError(
+                "This model has model-level edits (SERAC, IKE), which route whole prompts: call it on full prompts "
+                "or use generate(), not with past_key_values."
+            )
+        if self.tokenizer is None:
+            raise EditRequestError("Model-level edits need the model's tokenizer: pass tokenizer= to EditedModel.")
+        mask = kwargs.pop("attention_mask", None)
+        mask = torch.ones_like(input_ids) if mask is None else mask
+        rows = [ids[m.bool()].tolist() for ids, m in zip(input_ids, mask, strict=True)]
+        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+        contexts: list[str | None] = [None] * len(rows)
+        for router in routers:
+            if router.device != input_ids.device:
+                router.to(input_ids.device)
+            for i, context in enumerate(router.route(self, texts)):
+                contexts[i] = contexts[i] if contexts[i] is not None else context
+        if all(c is None for c in contexts):
+            return None
+        bos = self.tokenizer.bos_token_id
+        new_rows, offsets = [], []  # offsets: (tokens kept before the context, context length)
+        for row, context in zip(rows, contexts, strict=True):
+            ctx = [] if context is None else self.tokenizer(context, add_special_tokens=False)["input_ids"]
+            keep = 1 if row and bos is not None and row[0] == bos else 0
+            new_rows.append(row[:keep] + ctx + row[keep:])
+            offsets.append((keep, len(ctx)))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        encoder_decoder = bool(getattr(self.base_model.config, "is_encoder_decoder", False))
+        left = generate and not encoder_decoder
+        width = max(len(r) for r in new_rows)
+        padded = [([pad] * (width - len(r)) + r) if left else (r + [pad] * (width - len(r))) for r in new_rows]
+        new_mask = [([0] * (width - len(r)) + [1] * len(r)) if left else ([1] * len(r) + [0] * (width - len(r)))
+                    for r in new_rows]
+        device = input_ids.device
+        new_ids = torch.tensor(padded, dtype=input_ids.dtype, device=device)
+        new_mask = torch.tensor(new_mask, dtype=mask.dtype, device=device)
+        for name in ("position_ids", "token_type_ids", "cache_position"):
+            kwargs.pop(name, None)
+        if generate:
+            out = self.base_model.generate(input_ids=new_ids, attention_mask=new_mask, **kwargs)
+            if encoder_decoder:
+                return out
+            sequences = out if isinstance(out, torch.Tensor) else out.sequences
+            sequences = torch.cat([input_ids, sequences[:, width:]], dim=1)
+            if isinstance(out, torch.Tensor):
+                return sequences
+            out.sequences = sequences
+            return out
+        labels = kwargs.pop("labels", None)
+        kwargs["return_dict"] = True
+        out = self.base_model(input_ids=new_ids, attention_mask=new_mask, **kwargs)
+        logits = out.logits
+        if not encoder_decoder:  # read the logits back at the prompt's own positions; padding gets zeros
+            routed = logits.new_zeros(*input_ids.shape, logits.shape[-1])
+            for i, (keep, ctx_len) in enumerate(offsets):
+                n = len(rows[i])
+                source = torch.cat([torch.arange(keep), torch.arange(keep + ctx_len, n + ctx_len)]).to(device)
+                routed[i, mask[i].bool()] = logits[i, source]
+            logits = routed
+        loss = None
+        if labels is not None:
+            aligned, targets = (logits, labels) if encoder_decoder else (logits[:, :-1], labels[:, 1:])
+            loss = nn.functional.cross_entropy(aligned.reshape(-1, aligned.shape[-1]).float(),
+                                               targets.reshape(-1), ignore_index=-100)
+        return type(out)(loss=loss, logits=logits)
 
     def _active_weight_deltas(self) -> dict[str, torch.Tensor]:
         deltas: dict[str, torch.Tensor] = {}
@@ -465,6 +580,22 @@ class EditedModel(nn.Module):
             for path in components:
                 self._pending.pop(path, None)
             self._sync_hooks()
+
+
+def _method_settings(config: EditConfig) -> dict:
+    """The fields of `config` that define the edit, without the base model's name and revision filled in later."""
+    data = config.to_dict()
+    data.pop("base_model_name_or_path", None)
+    data.pop("revision", None)
+    return data
+
+
+def _has_submodule(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def get_edited_model(

@@ -40,14 +40,15 @@ def resolve_artifact_dir(
             text,
             revision=revision,
             token=token,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
+            cache_dir=cache_dir if cache_dir is not None else hub_cache_dir(),
+            local_files_only=local_files_only or hub_offline(),
             allow_patterns=patterns,
         )
     except LocalEntryNotFoundError as error:
         raise ArtifactError(
-            f"{text} is neither a local directory nor in the Hugging Face cache, and the Hub cannot be reached "
-            f"(offline mode: {os.environ.get('HF_HUB_OFFLINE', '0')}). Download it once online, or give a local path."
+            f"{text} is neither a local directory nor in the Hugging Face cache ({cache_dir or hub_cache_dir()}), "
+            f"and the Hub cannot be reached (offline mode: {hub_offline()}). Download it once online, or give a "
+            "local path."
         ) from error
     except RepositoryNotFoundError as error:
         raise ArtifactError(f"No Hub repo named {text} (or it is private: pass token=...).") from error
@@ -57,6 +58,28 @@ def resolve_artifact_dir(
     if not directory.is_dir():
         raise ArtifactError(f"The Hub repo {text} has no folder {subfolder!r}.")
     return directory
+
+
+def hub_cache_dir() -> Path:
+    """The Hub cache, read from `HF_HUB_CACHE` (or `HF_HOME`, `XDG_CACHE_HOME`) at call time.
+
+    `huggingface_hub` reads these variables once, when it is imported; reading them here too lets a variable set
+    later in the process (a test, a notebook) take effect.
+    """
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.path.expandvars(os.environ[var])).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.path.expandvars(os.environ["HF_HOME"])).expanduser() / "hub"
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "huggingface" / "hub"
+
+
+def hub_offline() -> bool:
+    """Whether `HF_HUB_OFFLINE` (or `TRANSFORMERS_OFFLINE`) is set now, or was when `huggingface_hub` was imported."""
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return constants.HF_HUB_OFFLINE or value.strip().lower() in ("1", "on", "yes", "true")
 
 
 @contextmanager

@@ -1,3 +1,4 @@
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -76,8 +77,8 @@ class FTConfig(EditConfig):
         for name in ("num_steps", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise EditConfigError(f"FTConfig.{name} must be a positive integer, got {getattr(self, name)!r}.")
-        if not self.lr > 0:
-            raise EditConfigError(f"FTConfig.lr must be positive, got {self.lr!r}.")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise EditConfigError(f"FTConfig.lr must be a positive finite number, got {self.lr!r}.")
 
     def default_layers(self, layout):
         return layout.default_layers(fraction=2 / 3)

@@ -2,6 +2,7 @@ import torch
 
 from ...deltas import DenseDelta
 from ...editor import BaseEditor
+from ...errors import EditFailedError
 from ...tokenization import encode_prompt_target
 from ...utils import tqdm
 from .config import FTConfig
@@ -58,6 +59,11 @@ class FTEditor(BaseEditor):
                     optimizer.zero_grad(set_to_none=True)
                     logits = edited_model(**batch.model_inputs()).logits
                     loss = self.loss(batch, logits)
+                    if not torch.isfinite(loss):
+                        raise EditFailedError(
+                            f"The FT loss became {loss.item()} at step {len(losses) + 1}; nothing was changed. Lower "
+                            f"FTConfig.lr (now {config.lr}) or set a norm_constraint."
+                        )
                     loss.backward()
                     optimizer.step()
                     if bound is not None:

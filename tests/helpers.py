@@ -1,0 +1,99 @@
+"""Helpers shared by the edit tests: requests, forward passes, target probabilities and snapshots of a model."""
+
+import torch
+
+from hf_knowedit import EditRequest, FTConfig
+
+from .tiny_models import tiny_tokenizer
+
+
+REQUEST = EditRequest(prompt="The capital of {} is", subject="Atlantis", target_new="Paris")
+BATCH = [
+    REQUEST,
+    EditRequest(prompt="{} plays the instrument", subject="Miles Davis", target_new="violin"),
+    EditRequest(prompt="The mother tongue of {} is", subject="Danielle Darrieux", target_new="English"),
+]
+# One tokenizer for every test: it is only read (building a copy takes a tenth of a second).
+TOKENIZER = tiny_tokenizer()
+PROBES = ["The capital of Atlantis is", "Miles Davis plays the", "A completely unrelated sentence about"]
+
+
+def fast_ft(**kwargs) -> FTConfig:
+    """An FT config that edits a tiny model in a few steps."""
+    return FTConfig(**{"num_steps": 8, "lr": 1e-2, **kwargs})
+
+
+def model_inputs(model, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Padded inputs for `prompts`; encoder-decoder models also get the prompts as decoder input."""
+    batch = TOKENIZER(prompts, return_tensors="pt", padding=True)
+    if model.config.is_encoder_decoder:
+        batch["decoder_input_ids"] = batch["input_ids"]
+    return dict(batch)
+
+
+def logits(model, prompts: list[str] = PROBES) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**model_inputs(model, prompts)).logits
+
+
+def target_log_prob(model, prompt: str, target: str) -> float:
+    """Sum of the log-probabilities of `target`'s tokens after `prompt`, computed without the library's helpers."""
+    tokenizer = TOKENIZER
+    if model.config.is_encoder_decoder:
+        labels = tokenizer(target)["input_ids"]
+        decoder = [model.config.decoder_start_token_id, *labels[:-1]]
+        inputs = {"input_ids": torch.tensor([tokenizer(prompt)["input_ids"]]),
+                  "decoder_input_ids": torch.tensor([decoder])}
+        start = 0
+    else:
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        labels = tokenizer(prompt + " " + target)["input_ids"][len(prompt_ids) :]
+        inputs = {"input_ids": torch.tensor([prompt_ids + labels])}
+        start = len(prompt_ids) - 1
+    with torch.no_grad():
+        log_probs = model(**inputs).logits[0].float().log_softmax(-1)
+    return sum(log_probs[start + i, token].item() for i, token in enumerate(labels))
+
+
+def state_copy(model) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def assert_same_state(model, state: dict[str, torch.Tensor]) -> None:
+    current = model.state_dict()
+    assert current.keys() == state.keys()
+    changed = [name for name, tensor in current.items() if not torch.equal(tensor, state[name])]
+    assert not changed, f"weights changed: {changed}"
+
+
+def forward_hooks(model) -> dict[str, int]:
+    """How many forward hooks each submodule has (only the modules that have some)."""
+    return {name: len(module._forward_hooks) for name, module in model.named_modules() if module._forward_hooks}
+
+
+class Snapshot:
+    """Everything a failed operation must leave as it was: weights, outputs, hooks, edits and their requests."""
+
+    def __init__(self, edited):
+        self.edited = edited
+        self.state = state_copy(edited.base_model)
+        self.logits = logits(edited)
+        self.hooks = forward_hooks(edited.base_model)
+        self.hook_paths = sorted(edited._hooks)
+        self.edits = {name: len(edit.requests) for name, edit in edited._edits.items()}
+        self.active = edited.active_edits
+        self.requires_grad = {name: p.requires_grad for name, p in edited.base_model.named_parameters()}
+        self.training = edited.base_model.training
+
+    def assert_unchanged(self) -> None:
+        edited = self.edited
+        assert_same_state(edited.base_model, self.state)
+        assert torch.equal(logits(edited), self.logits)
+        assert forward_hooks(edited.base_model) == self.hooks
+        assert sorted(edited._hooks) == self.hook_paths
+        assert sorted(edited._hooks) == sorted({p for e in edited._edits.values() for p in e.components})
+        assert not edited._pending
+        assert {name: len(edit.requests) for name, edit in edited._edits.items()} == self.edits
+        assert edited.active_edits == self.active
+        assert {n: p.requires_grad for n, p in edited.base_model.named_parameters()} == self.requires_grad
+        assert edited.base_model.training == self.training
