@@ -1,0 +1,112 @@
+"""Integrated-gradients attribution of MLP neurons (Dai et al. 2022, §3.2, eq. 2-3).
+
+For a prompt, the activation `w_i` of neuron `i` (the `i`-th input of the MLP output projection, at the position that
+predicts the answer) is scaled from 0 to its value; the attribution is
+`Attr(w_i) = w_i · ∫₀¹ ∂P(y* | α w_i)/∂w_i dα`, approximated by a Riemann sum over `steps` points computed as one
+batch. The whole activation vector of a layer is scaled at once, as in the paper, so one pass attributes every
+neuron of that layer.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ...deltas import first_tensor
+from ...tokenization import encode_prompt_target
+
+
+@dataclass
+class PromptProbe:
+    """A prompt ready for attribution: the model inputs of the prompt alone, and the position that predicts."""
+
+    inputs: dict[str, torch.Tensor]
+    position: int
+
+
+def prompt_probe(model, tokenizer, prompt: str, target: str) -> tuple[PromptProbe, int]:
+    """The probe of `prompt` and the first token id of `target` after it."""
+    batch = encode_prompt_target(tokenizer, [prompt], [target], model=model)
+    device = model.get_input_embeddings().weight.device
+    if batch.is_encoder_decoder:
+        inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                  "decoder_input_ids": batch.decoder_input_ids[:, :1]}
+        position, token = 0, int(batch.labels[0, 0])
+    else:
+        length = batch.prompt_lengths[0]
+        inputs = {"input_ids": batch.input_ids[:, :length], "attention_mask": batch.attention_mask[:, :length]}
+        position, token = length - 1, int(batch.labels[0, length])
+    return PromptProbe({k: v.to(device) for k, v in inputs.items()}, position), token
+
+
+@torch.no_grad()
+def top_prediction(model, probe: PromptProbe) -> int:
+    """The model's most likely next token at the probe's position."""
+    return int(model(**probe.inputs).logits[0, probe.position].argmax())
+
+
+def neuron_activations(model, modules: dict[int, nn.Module], probe: PromptProbe) -> dict[int, torch.Tensor]:
+    """The input of each layer's MLP output projection at the probe's position, `(intermediate,)`."""
+    captured = {}
+
+    def make_hook(layer):
+        def hook(module, args):
+            captured[layer] = first_tensor(args)[0, probe.position].detach().float()
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(layer)) for layer, m in modules.items()]
+    try:
+        with torch.no_grad():
+            model(**probe.inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def integrated_gradients(model, module: nn.Module, probe: PromptProbe, activation: torch.Tensor, token: int,
+                         steps: int) -> torch.Tensor:
+    """`Attr(w_i)` for every neuron of one layer, `(intermediate,)`, the `steps` scaled copies run as one batch."""
+    alphas = torch.arange(1, steps + 1, device=activation.device, dtype=torch.float32) / steps
+    scaled = (alphas[:, None] * activation[None]).requires_grad_(True)
+
+    def hook(module, args):
+        x = first_tensor(args)
+        x = x.expand(steps, *x.shape[1:]).clone()
+        x[:, probe.position] = scaled.to(x.dtype)
+        return (x, *args[1:])
+
+    inputs = {k: v.expand(steps, *v.shape[1:]) for k, v in probe.inputs.items()}
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        with torch.enable_grad():
+            logits = model(**inputs).logits[:, probe.position].float()
+            probabilities = logits.softmax(-1)[:, token]
+            (grads,) = torch.autograd.grad(probabilities.sum(), scaled)
+    finally:
+        handle.remove()
+    return activation * grads.mean(0)
+
+
+def select_neurons(attributions: list[dict[int, torch.Tensor]], threshold: float, share: float,
+                   max_neurons: int | None) -> list[tuple[int, int]]:
+    """Knowledge neurons `(layer, index)` from the attributions of several prompts (Dai et al. 2022, §3.3).
+
+    Per prompt, the neurons above `threshold × max attribution`; across prompts, those kept for at least `share` of
+    them (the edit prompt's own when none is). Sorted by mean attribution, at most `max_neurons`.
+    """
+    votes: dict[tuple[int, int], int] = {}
+    per_prompt = []
+    for by_layer in attributions:
+        peak = max(float(a.max()) for a in by_layer.values())
+        kept = {(layer, int(i)) for layer, a in by_layer.items()
+                for i in torch.nonzero(a > threshold * peak).flatten().tolist()} if peak > 0 else set()
+        per_prompt.append(kept)
+        for neuron in kept:
+            votes[neuron] = votes.get(neuron, 0) + 1
+    needed = share * len(attributions)
+    selected = [n for n, count in votes.items() if count >= needed] or sorted(per_prompt[0])
+    mean = {n: sum(float(a[n[0]][n[1]]) for a in attributions) / len(attributions) for n in selected}
+    selected.sort(key=lambda n: (-mean[n], n))
+    return selected[:max_neurons] if max_neurons else selected
