@@ -51,8 +51,8 @@ class ModelComponent(EditComponent):
     While it is active, :meth:`EditedModel.forward` and :meth:`EditedModel.generate` decode every prompt of the batch
     and call :meth:`route`; a prompt that gets a context text is answered by the model conditioned on
     `context + prompt` (its logits are read back at the prompt's own positions), the others by the model as it is.
-    When no prompt of a batch is routed, the call is the plain model call, bit for bit. The fingerprint of such an
-    edit is the model's input embedding.
+    When no prompt of a batch is routed, the call is the plain model call, bit for bit. Such an edit is fingerprinted
+    by the first block's MLP output weight, so that an artifact made on another base model is refused.
     """
 
     kind = "model_component"
@@ -278,17 +278,33 @@ class EditedModel(nn.Module):
 
     # -- saving and loading ----------------------------------------------------------------------------------------
     def save_pretrained(
-        self, save_directory: str | os.PathLike, edit_names: list[str] | None = None, **kwargs
+        self,
+        save_directory: str | os.PathLike,
+        edit_names: list[str] | None = None,
+        as_peft_lora: bool = False,
+        **kwargs,
     ) -> dict[str, int]:
         """Save edits as artifacts: `default` at the root of `save_directory`, other names in subfolders.
 
         Writes `edit_config.json`, `edit_weights.safetensors`, `edit_requests.jsonl` and a `README.md` model card per
         edit, atomically: a failure leaves no half-written directory. Returns the bytes written per edit.
+
+        With `as_peft_lora=True`, one low-rank edit (ROME, MEMIT, AlphaEdit) is written instead as a standard PEFT LoRA
+        adapter that `peft.PeftModel.from_pretrained(base, save_directory)` loads with the same outputs.
         """
         names = list(self._edits) if edit_names is None else list(edit_names)
         self._check_names(names)
         if not names:
             raise EditNotFoundError("This model has no edits to save; add one with add_edits first.")
+        if as_peft_lora:
+            from .peft_export import export_peft_lora
+
+            if len(names) != 1:
+                raise EditConfigError(
+                    f"as_peft_lora=True exports one edit as one adapter; pass edit_names=[...] with one of {names}."
+                )
+            directory = export_peft_lora(self, save_directory, edit_name=names[0])
+            return {names[0]: sum(f.stat().st_size for f in directory.iterdir() if f.is_file())}
         return artifacts.save_edits(self, names, save_directory, **kwargs)
 
     def push_to_hub(self, repo_id: str, edit_names: list[str] | None = None, private: bool | None = None,
@@ -384,8 +400,9 @@ class EditedModel(nn.Module):
     def _original_tensors(self, components) -> dict[str, torch.Tensor]:
         tensors = {}
         for path in components:
-            if path == MODEL_ROOT:  # a model-level component depends on the whole model: fingerprint its embedding
-                tensors[f"{self.layout.embed_path}.weight"] = self.base_model.get_input_embeddings().weight
+            if path == MODEL_ROOT:  # a model-level component depends on the whole model: fingerprint a weight of it
+                first = self.layout.mlp_out_path(0)
+                tensors[f"{first}.weight"] = self._originals.get(first, self.base_model.get_submodule(first).weight)
                 continue
             module = self.base_model.get_submodule(path)
             for name, param in module.named_parameters():

@@ -25,7 +25,7 @@ def tensor_digest(tensor: torch.Tensor) -> dict:
     tensor = tensor.detach()
     flat = tensor.reshape(-1)
     raw = flat.contiguous().cpu().view(torch.uint8).numpy().tobytes()
-    positions = torch.linspace(0, max(flat.numel() - 1, 0), min(SAMPLE_SIZE, flat.numel())).long()
+    positions = torch.linspace(0, max(flat.numel() - 1, 0), min(SAMPLE_SIZE, flat.numel()), dtype=torch.float64).long()
     return {
         "shape": list(tensor.shape),
         "dtype": str(tensor.dtype).removeprefix("torch."),

@@ -1,0 +1,89 @@
+"""Quick figures of the side-memory editors (GRACE, T-Patcher, CaliNET, IKE) on the default model with CounterFact.
+
+Per method: seconds per edit, artifact bytes, and, by probability comparison (mean log-probability per target
+token, ROME's CounterFact protocol), efficacy P(new) > P(true) on the edit prompt, paraphrase the same on the
+rephrased prompt, neighbourhood P(true) > P(new) on the locality prompt. Each record is edited alone and the edit is
+deleted before the next.
+
+    python benchmarks/bench_side_memory.py --n 10
+"""
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("HF_KNOWEDIT_DATA_DIR", ROOT.parent / "shared" / "data")) / "counterfact_easyedit"
+os.environ.setdefault("HF_KNOWEDIT_DISABLE_PROGRESS_BARS", "1")
+
+
+def mean_log_prob(model, tokenizer, prompt, target):
+    from hf_knowedit.tokenization import encode_prompt_target
+
+    batch = encode_prompt_target(tokenizer, [prompt], [target], model=model)
+    with torch.no_grad():
+        return batch.target_log_probs(model(**batch.model_inputs()).logits).item()
+
+
+def main():
+    from hf_knowedit import EditedModel, EditRequest, load_default_model
+    from hf_knowedit.methods.calinet import CaliNETConfig
+    from hf_knowedit.methods.grace import GRACEConfig
+    from hf_knowedit.methods.ike import IKEConfig
+    from hf_knowedit.methods.tpatcher import TPatcherConfig
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=10)
+    parser.add_argument("--methods", default="grace,tpatcher,calinet,ike")
+    args = parser.parse_args()
+    configs = {
+        "grace": GRACEConfig(),
+        "tpatcher": TPatcherConfig(),
+        "calinet": CaliNETConfig(),
+        "ike": IKEConfig(demonstrations_file=str(DATA / "counterfact-train.json"), num_demonstrations=8),
+    }
+    records = json.loads((DATA / "counterfact-edit.json").read_text())[: args.n]
+    requests = [EditRequest(prompt=r["prompt"], subject=r["subject"], target_new=r["target_new"],
+                            target_true=r["ground_truth"]) for r in records]
+    model, tokenizer = load_default_model()
+    edited = EditedModel(model, tokenizer)
+    for method in args.methods.split(","):
+        scores = {"efficacy": [], "paraphrase": [], "neighbourhood": []}
+        seconds, sizes = [], []
+        for record, request in zip(records, requests, strict=True):
+            start = time.perf_counter()
+            edited.add_edits(configs[method], [request], edit_name="bench")
+            seconds.append(time.perf_counter() - start)
+            with tempfile.TemporaryDirectory() as tmp:
+                sizes.append(edited.save_pretrained(tmp)["bench"])
+            new, true = request.target_new, request.target_true
+            for key, prompt, good, bad in (("efficacy", request.filled_prompt, new, true),
+                                           ("paraphrase", record["rephrase_prompt"], new, true),
+                                           ("neighbourhood", record["locality_prompt"], true, new)):
+                scores[key].append(mean_log_prob(edited, tokenizer, prompt, good)
+                                   > mean_log_prob(edited, tokenizer, prompt, bad))
+            edited.delete_edit("bench")
+        figures = {k: round(sum(v) / len(v), 3) for k, v in scores.items()}
+        print(f"{method:9s} n={len(records)} edit_s={sum(seconds) / len(seconds):.2f} "
+              f"artifact_bytes={int(sum(sizes) / len(sizes))} {figures}", flush=True)
+    with edited.disable_edits():
+        base = {"efficacy": [], "paraphrase": [], "neighbourhood": []}
+        for record, request in zip(records, requests, strict=True):
+            new, true = request.target_new, request.target_true
+            base["efficacy"].append(mean_log_prob(edited, tokenizer, request.filled_prompt, new)
+                                    > mean_log_prob(edited, tokenizer, request.filled_prompt, true))
+            base["paraphrase"].append(mean_log_prob(edited, tokenizer, record["rephrase_prompt"], new)
+                                      > mean_log_prob(edited, tokenizer, record["rephrase_prompt"], true))
+            base["neighbourhood"].append(mean_log_prob(edited, tokenizer, record["locality_prompt"], true)
+                                         > mean_log_prob(edited, tokenizer, record["locality_prompt"], new))
+        print(f"{'unedited':9s} n={len(records)} {({k: round(sum(v) / len(v), 3) for k, v in base.items()})}")
+
+
+if __name__ == "__main__":
+    main()

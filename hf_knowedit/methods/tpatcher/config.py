@@ -1,0 +1,71 @@
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from ...config import EditConfig
+from ...errors import EditConfigError
+
+
+@dataclass
+class TPatcherConfig(EditConfig):
+    """Transformer-Patcher (Huang et al. 2023, "Transformer-Patcher: One Mistake Worth One Neuron"): for each edit,
+    a few neurons (patches) added beside the FFN of the last block, `FFN'(x) = FFN(x) + relu(x·k + b) v`.
+
+    Each patch is trained (Eq. 6 of the paper) with the edit loss (the target's likelihood with the patch on), an
+    activation loss that makes it fire on the edit's input (the FFN input at the prompt's last token, or at the first
+    decoder position of an encoder-decoder) and a memory loss that keeps it silent on every position of out-of-scope
+    prompts: the requests' locality prompts, the other requests' prompts, the edit prompt's own earlier positions and
+    `memory_prompts`. Both are written as hinges on the patch's score `x·k + b` (`relu(margin - score)` for the edit,
+    `relu(score + margin)` for the memory), in units where the initial key gives the edit input a score of 1. Where no
+    patch fires, the model's output is unchanged bit for bit.
+
+    Args:
+        layers (`list[int]`, *optional*, defaults to `None`):
+            The block whose FFN gets the patches; `None` takes the last block, as in the paper.
+        neurons_per_edit (`int`, *optional*, defaults to `1`):
+            Patches added per request.
+        num_steps (`int`, *optional*, defaults to `60`):
+            Optimisation steps per request.
+        lr (`float`, *optional*, defaults to `1e-2`):
+            Adam learning rate.
+        activation_weight (`float`, *optional*, defaults to `1.0`):
+            Weight `a` of the activation loss.
+        memory_weight (`float`, *optional*, defaults to `1.0`):
+            Weight `m` of the memory loss.
+        margin (`float`, *optional*, defaults to `0.1`):
+            Score margin of both hinges.
+        memory_prompts (`list[str]`, *optional*, defaults to `None`):
+            Out-of-scope prompts on which patches must stay silent; `None` uses a few generic sentences.
+    """
+
+    edit_type: ClassVar[str] = "tpatcher"
+
+    neurons_per_edit: int = field(default=1, metadata={"help": "Patches per request."})
+    num_steps: int = field(default=60, metadata={"help": "Optimisation steps per request."})
+    lr: float = field(default=1e-2, metadata={"help": "Adam learning rate."})
+    activation_weight: float = field(default=1.0, metadata={"help": "Weight of the activation loss."})
+    memory_weight: float = field(default=1.0, metadata={"help": "Weight of the memory loss."})
+    margin: float = field(default=0.1, metadata={"help": "Score margin of the activation and memory hinges."})
+    memory_prompts: list[str] | None = field(
+        default=None, metadata={"help": "Out-of-scope prompts; None uses a few generic sentences."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.layers is not None and len(self.layers) != 1:
+            raise EditConfigError(f"TPatcherConfig.layers must name one block, got {self.layers}.")
+        for name in ("neurons_per_edit", "num_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise EditConfigError(f"TPatcherConfig.{name} must be a positive integer, got {value!r}.")
+        for name in ("lr", "activation_weight", "memory_weight", "margin"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)) or (
+                name == "lr" and value == 0
+            ):
+                raise EditConfigError(f"TPatcherConfig.{name} must be a finite number >= 0 (lr > 0), got {value!r}.")
+        if self.memory_prompts is not None and not all(isinstance(p, str) and p.strip() for p in self.memory_prompts):
+            raise EditConfigError("TPatcherConfig.memory_prompts must be a list of non-empty strings.")
+
+    def default_layers(self, layout):
+        return [layout.num_layers - 1]

@@ -1,0 +1,123 @@
+import torch
+
+from ...editor import BaseEditor
+from ...errors import EditFailedError
+from ...tokenization import encode_prompt_target
+from ...utils import tqdm
+from ..calinet.side_ffn import SideFFN, ffn_host_path, key_positions, record_module_io
+from .config import TPatcherConfig
+
+
+GENERIC_MEMORY_PROMPTS = [
+    "The weather today is",
+    "A completely unrelated sentence about",
+    "She opened the door and saw",
+    "The history of the city begins in",
+    "In mathematics, a prime number is",
+    "My favourite food is",
+    "The company was founded by",
+    "He was born in the year",
+    "The river flows through",
+    "The official language of the country is",
+    "This book was written by",
+    "The game ended with a score of",
+]
+
+
+class TPatcherEditor(BaseEditor):
+    """Trains `neurons_per_edit` patches per request beside the last FFN; the base weights are never touched.
+
+    >>> from hf_knowedit import get_edited_model, EditRequest
+    >>> from hf_knowedit.methods.tpatcher import TPatcherConfig
+    >>> from tests.tiny_models import tiny_model, tiny_tokenizer
+    >>> request = EditRequest(prompt="The capital of {} is", subject="Atlantis", target_new="Paris")
+    >>> config = TPatcherConfig(num_steps=2)
+    >>> edited = get_edited_model(tiny_model("gpt2"), config, [request], tokenizer=tiny_tokenizer())
+    >>> edited.get_edit().components["transformer.h.3.mlp"][0].num_neurons
+    1
+    """
+
+    config_class = TPatcherConfig
+
+    def compute_components(self, edited_model, requests):
+        config = self.config
+        model = edited_model.base_model
+        layout = edited_model.layout
+        path = ffn_host_path(layout, config.resolve_layers(layout)[0])
+        device = model.get_input_embeddings().weight.device
+        tokenizer = edited_model.tokenizer
+        memory_prompts = list(config.memory_prompts if config.memory_prompts is not None else GENERIC_MEMORY_PROMPTS)
+        memory_prompts += [p.prompt for r in requests for p in r.locality]
+        shared_memory = self.ffn_inputs(edited_model, path, memory_prompts, device)
+        patches, fire_rates = [], []
+        for index, request in enumerate(tqdm(requests, desc="T-Patcher edit", leave=False)):
+            batch = encode_prompt_target(tokenizer, [request.filled_prompt], [request.target_new], model=model)
+            batch = batch.to(device)
+            with torch.no_grad(), record_module_io(model, path) as records:
+                edited_model(**batch.model_inputs())
+            position = key_positions(batch)[0]
+            edit_input = records["input"][-1][0, position].float()
+            others = [r.filled_prompt for j, r in enumerate(requests) if j != index]
+            memory = [shared_memory, records["input"][-1][0, :position].float()]
+            if others:
+                memory.append(self.ffn_inputs(edited_model, path, others, device))
+            memory = torch.cat(memory)
+            patch = self.train_patch(edited_model, path, batch, position, edit_input, memory)
+            with torch.no_grad():
+                fire_rates.append(float((patch.scores(memory) > 0).float().mean()))
+            patches.append(patch)
+        combined = patches[0]
+        for patch in patches[1:]:
+            combined = combined.combine(patch)
+        self.stats = {"tpatcher_memory_fire_rate": max(fire_rates), "tpatcher_neurons": combined.num_neurons}
+        return {path: combined}
+
+    @staticmethod
+    def ffn_inputs(edited_model, path, prompts, device) -> torch.Tensor:
+        """The FFN inputs at every (non-padding) position of `prompts`, `(positions, hidden)`."""
+        model = edited_model.base_model
+        inputs = edited_model.tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+        kwargs = dict(inputs)
+        if model.config.is_encoder_decoder:  # the patched FFN is in the decoder: feed each prompt to both sides
+            kwargs["decoder_input_ids"] = inputs["input_ids"]
+        with torch.no_grad(), record_module_io(model, path) as records:
+            edited_model(**kwargs)
+        return records["input"][-1][inputs["attention_mask"].bool()].float()
+
+    def train_patch(self, edited_model, path, batch, position, edit_input, memory) -> SideFFN:
+        """Train one patch: edit loss + a · activation loss + m · memory loss (Huang et al. 2023, Eq. 6)."""
+        config = self.config
+        n = config.neurons_per_edit
+        key = edit_input / edit_input.norm().pow(2)  # score 1 on the edit input
+        threshold = float((memory @ key).max().clamp(max=1.0)) if len(memory) else 0.0
+        bias = -(1.0 + threshold) / 2  # halfway between the edit input and the closest out-of-scope input
+        patch = SideFFN(key.repeat(n, 1), torch.full((n,), bias), torch.zeros(n, key.shape[0]), "relu",
+                        trainable=True).to(edit_input.device)
+        optimizer = torch.optim.Adam(patch.parameters(), lr=config.lr)
+        with edited_model.temporary_components({path: patch}), torch.enable_grad():
+            for _ in range(config.num_steps):
+                optimizer.zero_grad(set_to_none=True)
+                edit_loss = -batch.target_log_probs(edited_model(**batch.model_inputs()).logits).mean()
+                scale = patch.keys.norm(dim=-1) * edit_input.norm()  # scores in units of the initial key
+                activation_loss = torch.relu(config.margin - patch.scores(edit_input) / scale).mean()
+                memory_loss = torch.relu(patch.scores(memory) / scale + config.margin).mean() if len(memory) else 0
+                loss = edit_loss + config.activation_weight * activation_loss + config.memory_weight * memory_loss
+                if not torch.isfinite(loss):
+                    raise EditFailedError(f"The T-Patcher loss became {loss.item()}; lower TPatcherConfig.lr.")
+                loss.backward()
+                optimizer.step()
+        return self.silence_on_memory(patch, edit_input, memory)
+
+    @staticmethod
+    def silence_on_memory(patch: SideFFN, edit_input, memory) -> SideFFN:
+        """Raise each patch's threshold above every out-of-scope score when the edit input still scores higher, and
+        scale its value so that its output on the edit input is unchanged: the memory loss made exact."""
+        with torch.no_grad():
+            raw_edit = patch.keys @ edit_input
+            raw_memory = (memory @ patch.keys.T).max(0).values if len(memory) else torch.full_like(raw_edit, -1e9)
+            separable = raw_edit > raw_memory
+            floor = -(raw_memory + 0.5 * (raw_edit - raw_memory))  # halfway
+            bias = torch.where(separable, torch.minimum(patch.biases, floor), patch.biases)
+            old_activation, new_activation = raw_edit + patch.biases, raw_edit + bias
+            ratio = torch.where(separable & (old_activation > 0), old_activation / new_activation.clamp(min=1e-12), 1.0)
+            return SideFFN(patch.keys, bias, patch.values * ratio[:, None], patch.activation)

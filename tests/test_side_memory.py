@@ -1,0 +1,182 @@
+"""Side-memory editors (SERAC, T-Patcher, CaliNET, GRACE, IKE) on tiny models of decoder-only and T5 architectures.
+
+On tiny random models the target criterion is the greedy first target token on a model whose output embedding is
+sharpened (x100, as in the locate-then-edit tests) for decoder-only models, and a target log-probability raised by
+more than one nat for T5 (whose output embedding is tied to its input one). Methods that route prompts away (GRACE,
+IKE, SERAC, T-Patcher when no patch fires) must leave out-of-scope logits identical, and a batch mixing an in-scope
+and an out-of-scope prompt must give the outputs of each prompt alone.
+"""
+
+import json
+
+import pytest
+import torch
+
+from hf_knowedit import ArtifactError, BaseModelMismatchError, EditedModel, EditRequest
+from hf_knowedit.methods.calinet import CaliNETConfig
+from hf_knowedit.methods.grace import GRACEConfig
+from hf_knowedit.methods.ike import IKEConfig
+from hf_knowedit.methods.tpatcher import TPatcherConfig
+
+from .helpers import TOKENIZER, model_inputs, target_log_prob
+from .tiny_models import tiny_model
+
+
+DATA = "/work/shared/data/counterfact_easyedit/counterfact-train.json"
+REQUEST = EditRequest(prompt="The capital of {} is", subject="Atlantis", target_new="Paris")
+SECOND = EditRequest(prompt="{} plays the instrument", subject="Miles Davis", target_new="violin")
+IN_SCOPE = REQUEST.filled_prompt
+OUT_OF_SCOPE = "Nobody expected the weather to"
+ARCHS = ["gpt2", "llama", "t5"]
+CONFIGS = {
+    "grace": lambda: GRACEConfig(num_steps=40),
+    "tpatcher": lambda: TPatcherConfig(num_steps=30, lr=5e-2),
+    "calinet": lambda: CaliNETConfig(num_steps=30, num_slots=16, lr=5e-2),
+    "ike": lambda: IKEConfig(demonstrations_file=DATA, num_demonstrations=3, max_pool_records=50),
+}
+TRAINED = ["grace", "tpatcher", "calinet"]  # methods that learn the target (IKE is checked through its context)
+ROUTING = ["grace", "tpatcher", "ike"]  # methods that leave out-of-scope prompts exactly as they were
+
+
+def base_model(arch: str, seed: int = 0):
+    model = tiny_model(arch, seed)
+    if not model.config.is_encoder_decoder:
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(100)
+    return model
+
+
+def logits(model, prompts):
+    """Logits at every prompt position; for T5, at the first decoder position (where the edits' keys are read)."""
+    inputs = model_inputs(model, prompts)
+    if model.config.is_encoder_decoder:
+        inputs["decoder_input_ids"] = torch.full((len(prompts), 1), model.config.decoder_start_token_id)
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def edited(arch: str, method: str, requests=(REQUEST,)):
+    return EditedModel(base_model(arch), TOKENIZER).add_edits(CONFIGS[method](), list(requests))
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", TRAINED)
+def test_edit_produces_target(arch, method):
+    model = base_model(arch)
+    before = target_log_prob(model, IN_SCOPE, REQUEST.target_new)
+    model = EditedModel(model, TOKENIZER).add_edits(CONFIGS[method](), [REQUEST])
+    after = target_log_prob(model, IN_SCOPE, REQUEST.target_new)
+    if model.config.is_encoder_decoder:
+        assert after > before + 1.0, (before, after)
+    else:
+        first = TOKENIZER(" " + REQUEST.target_new)["input_ids"][0]
+        assert logits(model, [IN_SCOPE])[0, -1].argmax().item() == first
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ike_answers_in_scope_prompts_with_its_context(arch):
+    model = edited(arch, "ike")
+    context = model.get_edit().components[""][0].context(0)
+    assert context.endswith(f"New Fact: {IN_SCOPE} Paris\n") and context.count("New Fact:") == 4
+    got = logits(model, [IN_SCOPE])
+    with model.disable_edits():
+        plain = logits(model, [IN_SCOPE])
+        with_context = logits(model, [context + IN_SCOPE])
+    assert not torch.allclose(got, plain)
+    if model.config.is_encoder_decoder:  # the context goes before the prompt on the encoder side
+        assert torch.allclose(got, with_context, atol=1e-5)
+    else:
+        assert torch.allclose(got[0], with_context[0, -got.shape[1]:], atol=1e-5)
+        tokens = TOKENIZER([IN_SCOPE], return_tensors="pt")
+        out = model.generate(**tokens, max_new_tokens=2, do_sample=False, pad_token_id=TOKENIZER.pad_token_id)
+        width = tokens["input_ids"].shape[1]
+        assert torch.equal(out[:, :width], tokens["input_ids"]) and out.shape[1] == width + 2
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", ROUTING)
+def test_out_of_scope_unchanged_and_mixed_batch_routed_per_prompt(arch, method):
+    model = edited(arch, method)
+    with model.disable_edits():
+        base_out = logits(model, [OUT_OF_SCOPE])
+    assert torch.equal(logits(model, [OUT_OF_SCOPE]), base_out)
+    alone = [logits(model, [IN_SCOPE]), logits(model, [OUT_OF_SCOPE])]
+    mixed = logits(model, [IN_SCOPE, OUT_OF_SCOPE])
+    for row, single in enumerate(alone):
+        width = single.shape[1]
+        assert torch.allclose(mixed[row, :width], single[0], atol=1e-4 * single.abs().max()), (method, row)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_save_reload_and_unload(arch, method, tmp_path):
+    model = base_model(arch)
+    original, probes = state(model), [IN_SCOPE, OUT_OF_SCOPE]
+    base_out = logits(model, probes)
+    edit = EditedModel(model, TOKENIZER).add_edits(CONFIGS[method](), [REQUEST])
+    out = logits(edit, probes)
+    assert not torch.equal(out, base_out)
+    edit.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "edit_config.json").read_text())
+    assert config["edit_type"] == method and config["edit_modules"]
+    reloaded = EditedModel.from_pretrained(base_model(arch), tmp_path, tokenizer=TOKENIZER)
+    assert torch.equal(logits(reloaded, probes), out)
+    with edit.disable_edits():
+        assert torch.equal(logits(edit, probes), base_out)
+    base = edit.unload()
+    assert torch.equal(logits(base, probes), base_out)
+    assert all(torch.equal(v, original[k]) for k, v in base.state_dict().items())
+    assert not base._forward_hooks and all(not m._forward_hooks for m in base.modules())
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_sequential_edits_accumulate(method):
+    model = edited("gpt2", method)
+    model.add_edits(CONFIGS[method](), [SECOND])
+    (path, comps), = model.get_edit().components.items()
+    assert len(comps) == 1 and len(model.get_edit().requests) == 2
+    size = {"grace": lambda c: len(c), "tpatcher": lambda c: c.num_neurons, "calinet": lambda c: c.num_neurons,
+            "ike": lambda c: len(c.entries)}[method](comps[0])
+    assert size == (32 if method == "calinet" else 2)
+
+
+def test_grace_conflicting_edit_splits_the_ball():
+    model = edited("gpt2", "grace")
+    conflicting = EditRequest(prompt="The capital of {} is", subject="Atlantis", target_new="Rome")
+    model.add_edits(CONFIGS["grace"](), [conflicting])
+    book = next(iter(model.get_edit().components.values()))[0]
+    assert book.labels == ["Paris", "Rome"] and torch.allclose(book.radii[0], book.radii[1])
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_artifact_from_another_base_is_refused(method, tmp_path):
+    edited("llama", method).save_pretrained(tmp_path)
+    with pytest.raises(BaseModelMismatchError):
+        EditedModel.from_pretrained(base_model("llama", seed=1), tmp_path, tokenizer=TOKENIZER)
+
+
+@pytest.mark.parametrize("method", ["grace", "tpatcher"])
+def test_truncated_or_misshapen_artifact_raises(method, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    edited("gpt2", method).save_pretrained(tmp_path)
+    weights = tmp_path / "edit_weights.safetensors"
+    tensors = load_file(str(weights))
+    save_file({k: torch.cat([v, v], dim=-1) if v.dim() == 2 else v for k, v in tensors.items()}, str(weights))
+    with pytest.raises(ArtifactError):  # keys of another hidden size
+        EditedModel.from_pretrained(base_model("gpt2"), tmp_path, tokenizer=TOKENIZER)
+    weights.write_bytes(weights.read_bytes()[:50])
+    with pytest.raises(ArtifactError):
+        EditedModel.from_pretrained(base_model("gpt2"), tmp_path, tokenizer=TOKENIZER)
+
+
+def test_truncated_memory_raises(tmp_path):
+    edited("gpt2", "ike").save_pretrained(tmp_path)
+    config = tmp_path / "edit_config.json"
+    config.write_text(config.read_text()[:200])
+    with pytest.raises(ArtifactError):
+        EditedModel.from_pretrained(base_model("gpt2"), tmp_path, tokenizer=TOKENIZER)
