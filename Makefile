@@ -29,7 +29,7 @@ demo: install
 	$(BIN)/hf-knowedit demo
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --doctest-modules tests hf_knowedit
 
 lint: install
 	$(BIN)/ruff check hf_knowedit tests benchmarks

@@ -140,9 +140,13 @@ def register_edit_method(name: str, config_cls: type[EditConfig], editor_cls: ty
     Example:
 
     ```python
+    >>> import hf_knowedit
     >>> from hf_knowedit import register_edit_method, FTConfig
     >>> from hf_knowedit.methods.ft import FTEditor
     >>> register_edit_method("ft", FTConfig, FTEditor)  # what hf_knowedit.methods.ft does on import
+    >>> hf_knowedit.EDIT_METHODS["ft"] == (FTConfig, FTEditor)
+    True
+
     ```
     """
     if not (isinstance(config_cls, type) and issubclass(config_cls, EditConfig)):

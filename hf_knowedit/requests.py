@@ -88,6 +88,7 @@ class EditRequest:
     >>> request = EditRequest(prompt="The mother tongue of {} is", subject="Danielle Darrieux", target_new="English")
     >>> request.filled_prompt
     'The mother tongue of Danielle Darrieux is'
+
     ```
     """
 
