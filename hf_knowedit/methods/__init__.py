@@ -1,3 +1,15 @@
 """Editing methods, one folder each; importing this package registers them all."""
 
-from . import ft  # noqa: F401
+from . import (  # noqa: F401
+    alphaedit,
+    calinet,
+    ft,
+    grace,
+    ike,
+    ke,
+    kn,
+    memit,
+    mend,
+    rome,
+    tpatcher,
+)
