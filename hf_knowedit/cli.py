@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .training.cli import add_train_editor_parser
+
 
 DEMO_PROMPT = "The mother tongue of {} is"
 DEMO_SUBJECT = "Danielle Darrieux"
@@ -104,7 +106,7 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-SUBCOMMAND_PARSERS = [add_edit_parser, add_demo_parser]
+SUBCOMMAND_PARSERS = [add_edit_parser, add_demo_parser, add_train_editor_parser]
 """The functions that add the subcommands, in the order `--help` lists them; append new ones here."""
 
 

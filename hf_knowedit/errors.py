@@ -40,6 +40,22 @@ class EditFailedError(KnowEditError, RuntimeError):
     """An editing method could not produce a valid update (NaN or Inf, singular system, ...); nothing was changed."""
 
 
+class StatisticsError(KnowEditError, ValueError):
+    """Second-moment statistics cannot be computed or used as asked."""
+
+
+class CorpusNotFoundError(StatisticsError):
+    """No text corpus was given and none could be found (no `HF_KNOWEDIT_STATS_CORPUS`, no WikiText via `datasets`)."""
+
+
+class InsufficientTokensError(StatisticsError):
+    """The corpus (or `num_tokens`) gives fewer key vectors than the layer's width, so the second moment is singular."""
+
+
+class SingularStatisticsError(StatisticsError):
+    """The second moment is singular (some directions of the key space were never seen), so it cannot be inverted."""
+
+
 __all__ = [
     "KnowEditError",
     "EditRequestError",
@@ -49,4 +65,8 @@ __all__ = [
     "ArtifactError",
     "EditNotFoundError",
     "EditFailedError",
+    "StatisticsError",
+    "CorpusNotFoundError",
+    "InsufficientTokensError",
+    "SingularStatisticsError",
 ]

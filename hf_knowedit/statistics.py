@@ -49,7 +49,14 @@ import torch
 from torch import nn
 
 from .architectures import linear_shape, resolve_layout
-from .errors import ArtifactError, BaseModelMismatchError, KnowEditError
+from .errors import (
+    ArtifactError,
+    BaseModelMismatchError,
+    CorpusNotFoundError,
+    InsufficientTokensError,
+    SingularStatisticsError,
+    StatisticsError,
+)
 from .fingerprint import check_fingerprint, model_fingerprint, model_identity
 from .hub import atomic_directory, push_folder_to_hub, resolve_artifact_dir
 from .modeling import hf_home
@@ -73,22 +80,6 @@ TEXT_SUFFIXES = (".txt", ".text", ".raw", ".md", ".tokens", "")
 _PACKING_VERSION = 1
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _DOCS_PER_TOKENIZER_CALL = 16
-
-
-class StatisticsError(KnowEditError, ValueError):
-    """Second-moment statistics cannot be computed or used as asked."""
-
-
-class CorpusNotFoundError(StatisticsError):
-    """No text corpus was given and none could be found (no `HF_KNOWEDIT_STATS_CORPUS`, no WikiText via `datasets`)."""
-
-
-class InsufficientTokensError(StatisticsError):
-    """The corpus (or `num_tokens`) gives fewer key vectors than the layer's width, so the second moment is singular."""
-
-
-class SingularStatisticsError(StatisticsError):
-    """The second moment is singular (some directions of the key space were never seen), so it cannot be inverted."""
 
 
 class _StopForward(Exception):
