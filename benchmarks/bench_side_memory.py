@@ -1,4 +1,4 @@
-"""Quick figures of the side-memory editors (GRACE, T-Patcher, CaliNET, IKE) on the default model with CounterFact.
+"""Quick figures of the side-memory editors (GRACE, T-Patcher, CaliNET, IKE, SERAC) on the default model, CounterFact.
 
 Per method: seconds per edit, artifact bytes, and, by probability comparison (mean log-probability per target
 token, ROME's CounterFact protocol), efficacy P(new) > P(true) on the edit prompt, paraphrase the same on the
@@ -6,6 +6,11 @@ rephrased prompt, neighbourhood P(true) > P(new) on the locality prompt. Each re
 deleted before the next.
 
     python benchmarks/bench_side_memory.py --n 10
+
+SERAC needs a trained scope classifier (`serac_untrained` is the identity baseline):
+
+    hf-knowedit train-editor --method serac --dataset counterfact-train.json --output runs/serac-smollm2 --max-minutes 5
+    python benchmarks/bench_side_memory.py --methods serac,serac_untrained --serac-editor runs/serac-smollm2
 """
 
 import argparse
@@ -36,17 +41,22 @@ def main():
     from hf_knowedit.methods.calinet import CaliNETConfig
     from hf_knowedit.methods.grace import GRACEConfig
     from hf_knowedit.methods.ike import IKEConfig
+    from hf_knowedit.methods.serac import SERACConfig
     from hf_knowedit.methods.tpatcher import TPatcherConfig
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=10)
     parser.add_argument("--methods", default="grace,tpatcher,calinet,ike")
+    parser.add_argument("--serac-editor", default=str(ROOT / "runs" / "serac-smollm2"),
+                        help="SERAC's trained scope classifier (hf-knowedit train-editor --method serac --output DIR).")
     args = parser.parse_args()
     configs = {
         "grace": GRACEConfig(),
         "tpatcher": TPatcherConfig(),
         "calinet": CaliNETConfig(),
         "ike": IKEConfig(demonstrations_file=str(DATA / "counterfact-train.json"), num_demonstrations=8),
+        "serac": SERACConfig(editor=args.serac_editor),
+        "serac_untrained": SERACConfig(editor="untrained"),
     }
     records = json.loads((DATA / "counterfact-edit.json").read_text())[: args.n]
     requests = [EditRequest(prompt=r["prompt"], subject=r["subject"], target_new=r["target_new"],
@@ -70,7 +80,7 @@ def main():
                                    > mean_log_prob(edited, tokenizer, prompt, bad))
             edited.delete_edit("bench")
         figures = {k: round(sum(v) / len(v), 3) for k, v in scores.items()}
-        print(f"{method:9s} n={len(records)} edit_s={sum(seconds) / len(seconds):.2f} "
+        print(f"{method:15s} n={len(records)} edit_s={sum(seconds) / len(seconds):.2f} "
               f"artifact_bytes={int(sum(sizes) / len(sizes))} {figures}", flush=True)
     with edited.disable_edits():
         base = {"efficacy": [], "paraphrase": [], "neighbourhood": []}
@@ -82,7 +92,7 @@ def main():
                                       > mean_log_prob(edited, tokenizer, record["rephrase_prompt"], true))
             base["neighbourhood"].append(mean_log_prob(edited, tokenizer, record["locality_prompt"], true)
                                          > mean_log_prob(edited, tokenizer, record["locality_prompt"], new))
-        print(f"{'unedited':9s} n={len(records)} {({k: round(sum(v) / len(v), 3) for k, v in base.items()})}")
+        print(f"{'unedited':15s} n={len(records)} {({k: round(sum(v) / len(v), 3) for k, v in base.items()})}")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from .methods.kn import KNConfig
 from .methods.memit import MEMITConfig
 from .methods.mend import MENDConfig
 from .methods.rome import ROMEConfig
+from .methods.serac import SERACConfig
 from .methods.tpatcher import TPatcherConfig
 from .modeling import load_default_model, load_model_and_tokenizer
 from .peft_export import export_peft_lora
@@ -80,6 +81,7 @@ __all__ = [
     "ModelComponent",
     "ModelLayout",
     "ROMEConfig",
+    "SERACConfig",
     "SingularStatisticsError",
     "SparseDelta",
     "StatisticsError",

@@ -11,5 +11,6 @@ from . import (  # noqa: F401
     memit,
     mend,
     rome,
+    serac,
     tpatcher,
 )
