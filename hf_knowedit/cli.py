@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from .training.cli import add_train_editor_parser
+from .utils import parse_overrides
 
 
 DEMO_PROMPT = "The mother tongue of {} is"
@@ -211,19 +212,12 @@ def build_config(method: str | None, config_path: str | None, overrides: list[st
     method = method or "ft"
     config_cls = get_config_class(method)
     names = sorted(f.name for f in dataclasses.fields(config_cls) if f.init)
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key:
-            raise EditConfigError(f"--set expects KEY=VALUE, got {item!r}; e.g. --set num_steps=10.")
+    for key, value in parse_overrides(overrides).items():
         if key not in names:
             raise EditConfigError(
                 f"--set {key}: {config_cls.__name__} has no field {key!r}; its fields are {names}."
             )
-        try:
-            data[key] = json.loads(text)
-        except json.JSONDecodeError:
-            data[key] = text
+        data[key] = value
     data["edit_type"] = method
     try:
         return EditConfig.from_dict(data)

@@ -44,3 +44,24 @@ def write_json(path: str | os.PathLike, obj: dict, stamp: bool = True) -> None:
     if stamp:
         obj = {**obj, "hf_knowedit_version": __version__}
     Path(path).write_text(dump_json(obj), encoding="utf-8")
+
+
+def parse_overrides(items: list[str], example: str = "num_steps=10") -> dict[str, Any]:
+    """`KEY=VALUE` command-line items as a dict; values are read as JSON, else kept as strings (`a-b` keys -> `a_b`).
+
+    >>> parse_overrides(["num_steps=10", "layers=[3, 4]", "variant=ft_l"])
+    {'num_steps': 10, 'layers': [3, 4], 'variant': 'ft_l'}
+    """
+    from .errors import EditConfigError
+
+    values = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise EditConfigError(f"--set expects KEY=VALUE, got {item!r}; e.g. --set {example}.")
+        try:
+            values[key] = json.loads(text)
+        except json.JSONDecodeError:
+            values[key] = text
+    return values

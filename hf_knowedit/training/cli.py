@@ -2,7 +2,6 @@
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -43,6 +42,7 @@ def split_overrides(method: str, overrides: list[str]):
     """The method config and the :class:`EditorTrainingArguments` that `--set KEY=VALUE` items describe."""
     from ..config import EditConfig
     from ..errors import EditConfigError
+    from ..utils import parse_overrides
     from .spec import get_trainable_editor
     from .trainer import EditorTrainingArguments
 
@@ -50,15 +50,7 @@ def split_overrides(method: str, overrides: list[str]):
     config_names = {f.name for f in dataclasses.fields(config_cls) if f.init}
     argument_names = {f.name for f in dataclasses.fields(EditorTrainingArguments)}
     config_data, argument_data = {}, {}
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key:
-            raise EditConfigError(f"--set expects KEY=VALUE, got {item!r}; e.g. --set learning_rate=1e-4.")
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            value = text
+    for key, value in parse_overrides(overrides, example="learning_rate=1e-4").items():
         if key in argument_names:
             argument_data[key] = value
         elif key in config_names:

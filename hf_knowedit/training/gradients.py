@@ -34,6 +34,17 @@ class LayerGradient:
     request_index: torch.Tensor
 
 
+def mlp_module_paths(layout, layers: list[int], target_modules: str) -> list[str]:
+    """Paths of the MLP weights a gradient-based editor changes: the output projection of each layer, and with
+    `target_modules="mlp_in_out"` its input projections too."""
+    paths = []
+    for layer in layers:
+        if target_modules == "mlp_in_out":
+            paths.extend(layout.mlp_in_paths(layer))
+        paths.append(layout.mlp_out_path(layer))
+    return paths
+
+
 def token_mask(batch: PromptTargetBatch) -> torch.Tensor:
     """`(batch, seq)` mask of the real tokens at the edited layers (decoder positions for encoder-decoders)."""
     if batch.is_encoder_decoder:

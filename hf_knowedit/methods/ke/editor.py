@@ -4,7 +4,13 @@ from ...architectures import linear_shape
 from ...deltas import LowRankDelta
 from ...editor import BaseEditor
 from ...training import TrainableEditorSpec, load_editor_for
-from ...training.gradients import check_locality_available, edit_and_locality_losses, encode, layer_gradients
+from ...training.gradients import (
+    check_locality_available,
+    edit_and_locality_losses,
+    encode,
+    layer_gradients,
+    mlp_module_paths,
+)
 from .config import KEConfig
 from .network import KEHypernetwork
 
@@ -18,12 +24,7 @@ class KETrainingSpec(TrainableEditorSpec):
     default_batch_size = 8
 
     def edited_module_paths(self) -> list[str]:
-        paths = []
-        for layer in self.config.resolve_layers(self.layout):
-            if self.config.target_modules == "mlp_in_out":
-                paths.extend(self.layout.mlp_in_paths(layer))
-            paths.append(self.layout.mlp_out_path(layer))
-        return paths
+        return mlp_module_paths(self.layout, self.config.resolve_layers(self.layout), self.config.target_modules)
 
     def build_trainable(self) -> KEHypernetwork:
         shapes = [linear_shape(self.model.get_submodule(p)) for p in self.edited_module_paths()]
@@ -49,16 +50,21 @@ class KETrainingSpec(TrainableEditorSpec):
     def update_factors(self, trainable: KEHypernetwork, requests, gradients) -> dict:
         conditions = self.fact_conditions(trainable, requests)
         return {
-            path: trainable.update_factors(index, conditions, gradients[path].inputs, gradients[path].output_grads,
-                                           gradients[path].request_index)
+            path: trainable.update_factors(
+                index, conditions, gradients[path].inputs, gradients[path].output_grads, gradients[path].request_index
+            )
             for index, path in enumerate(self.edited_module_paths())
         }
 
     def training_loss(self, trainable, requests):
         return edit_and_locality_losses(
-            self.model, self.tokenizer, requests, self.edited_module_paths(),
+            self.model,
+            self.tokenizer,
+            requests,
+            self.edited_module_paths(),
             lambda batch, gradients, batch_requests: self.update_factors(trainable, batch_requests, gradients),
-            self.config.c_edit, self.config.c_loc,
+            self.config.c_edit,
+            self.config.c_loc,
         )
 
 
@@ -71,8 +77,9 @@ class KEEditor(BaseEditor):
     def compute_components(self, edited_model, requests):
         model = edited_model.base_model
         spec, network = load_editor_for(self.config, model, edited_model.tokenizer)
-        batch = encode(edited_model.tokenizer, model, [r.filled_prompt for r in requests],
-                       [r.target_new for r in requests])
+        batch = encode(
+            edited_model.tokenizer, model, [r.filled_prompt for r in requests], [r.target_new for r in requests]
+        )
         gradients = layer_gradients(model, spec.edited_module_paths(), batch)
         with torch.no_grad():
             factors = spec.update_factors(network, requests, gradients)

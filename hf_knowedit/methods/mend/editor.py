@@ -9,6 +9,7 @@ from ...training.gradients import (
     edit_and_locality_losses,
     encode,
     layer_gradients,
+    mlp_module_paths,
 )
 from .config import MENDConfig
 from .network import MENDEditorNetwork
@@ -24,12 +25,7 @@ class MENDTrainingSpec(TrainableEditorSpec):
     default_batch_size = 8
 
     def edited_module_paths(self) -> list[str]:
-        paths = []
-        for layer in self.config.resolve_layers(self.layout):
-            if self.config.target_modules == "mlp_in_out":
-                paths.extend(self.layout.mlp_in_paths(layer))
-            paths.append(self.layout.mlp_out_path(layer))
-        return paths
+        return mlp_module_paths(self.layout, self.config.resolve_layers(self.layout), self.config.target_modules)
 
     def build_trainable(self) -> MENDEditorNetwork:
         shapes = [linear_shape(self.model.get_submodule(p)) for p in self.edited_module_paths()]
@@ -37,22 +33,30 @@ class MENDTrainingSpec(TrainableEditorSpec):
 
     def parameter_groups(self, trainable, learning_rate):
         network = [p for name, p in trainable.named_parameters() if name != "edit_lrs"]
-        return [{"params": network, "lr": learning_rate},
-                {"params": [trainable.edit_lrs], "lr": self.config.edit_lr_lr}]
+        return [
+            {"params": network, "lr": learning_rate},
+            {"params": [trainable.edit_lrs], "lr": self.config.edit_lr_lr},
+        ]
 
     def check_training_requests(self, requests, batch_size):
         check_locality_available(requests, batch_size)
 
     def update_factors(self, trainable: MENDEditorNetwork, gradients) -> dict:
         """`{path: (up, down)}` of the update MEND makes from the layer gradients of an edit."""
-        return {path: trainable.update_factors(index, gradients[path].inputs, gradients[path].output_grads)
-                for index, path in enumerate(self.edited_module_paths())}
+        return {
+            path: trainable.update_factors(index, gradients[path].inputs, gradients[path].output_grads)
+            for index, path in enumerate(self.edited_module_paths())
+        }
 
     def training_loss(self, trainable, requests):
         return edit_and_locality_losses(
-            self.model, self.tokenizer, requests, self.edited_module_paths(),
+            self.model,
+            self.tokenizer,
+            requests,
+            self.edited_module_paths(),
             lambda batch, gradients, _: self.update_factors(trainable, gradients),
-            self.config.c_edit, self.config.c_loc,
+            self.config.c_edit,
+            self.config.c_loc,
         )
 
 
@@ -66,11 +70,15 @@ class MENDEditor(BaseEditor):
     def compute_components(self, edited_model, requests):
         model = edited_model.base_model  # its forward runs the active edits' hooks, so earlier edits are seen
         spec, network = load_editor_for(self.config, model, edited_model.tokenizer)
-        batch = encode(edited_model.tokenizer, model, [r.filled_prompt for r in requests],
-                       [r.target_new for r in requests])
+        batch = encode(
+            edited_model.tokenizer, model, [r.filled_prompt for r in requests], [r.target_new for r in requests]
+        )
         gradients = layer_gradients(model, spec.edited_module_paths(), batch)
         with torch.no_grad():
             factors = spec.update_factors(network, gradients)
-        self.stats = {"mend_rank": int(next(iter(factors.values()))[0].shape[1]),
-                      "mend_edit_lrs": network.edit_lrs.detach().tolist(), "mend_editor": self.config.editor}
+        self.stats = {
+            "mend_rank": int(next(iter(factors.values()))[0].shape[1]),
+            "mend_edit_lrs": network.edit_lrs.detach().tolist(),
+            "mend_editor": self.config.editor,
+        }
         return {path: LowRankDelta(up, down) for path, (up, down) in factors.items()}
