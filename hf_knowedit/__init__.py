@@ -23,6 +23,7 @@ from .errors import (
     SingularStatisticsError,
     StatisticsError,
 )
+from .evaluation import EvaluationSettings, run_evaluation
 from .methods.alphaedit import AlphaEditConfig
 from .methods.calinet import CaliNETConfig
 from .methods.ft import FTConfig
@@ -38,6 +39,7 @@ from .methods.tpatcher import TPatcherConfig
 from .modeling import load_default_model, load_model_and_tokenizer
 from .peft_export import export_peft_lora
 from .requests import EditRequest, EvalPrompt
+from .scoring import BatchScorer
 from .statistics import LayerStatistics, get_layer_statistics
 from .training import EditorTrainingArguments, TrainedEditor, register_trainable_editor, train_editor
 from .version import __version__
@@ -50,6 +52,7 @@ __all__ = [
     "ArtifactError",
     "BaseEditor",
     "BaseModelMismatchError",
+    "BatchScorer",
     "CaliNETConfig",
     "CorpusNotFoundError",
     "DatasetFormatError",
@@ -66,6 +69,7 @@ __all__ = [
     "EditedModel",
     "EditorTrainingArguments",
     "EvalPrompt",
+    "EvaluationSettings",
     "FTConfig",
     "GRACEConfig",
     "IKEConfig",
@@ -99,6 +103,7 @@ __all__ = [
     "register_edit_method",
     "register_trainable_editor",
     "resolve_layout",
+    "run_evaluation",
     "train_editor",
     "unregister_architecture",
 ]

@@ -9,8 +9,6 @@ are reported as one line, `error: ...`, on stderr, with exit code 2.
 """
 
 import argparse
-import dataclasses
-import json
 import logging
 import os
 import sys
@@ -18,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .evaluation.cli import add_evaluate_parser, add_report_parser
 from .training.cli import add_train_editor_parser
 from .utils import parse_overrides
 
@@ -107,7 +106,13 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-SUBCOMMAND_PARSERS = [add_edit_parser, add_demo_parser, add_train_editor_parser]
+SUBCOMMAND_PARSERS = [
+    add_edit_parser,
+    add_demo_parser,
+    add_evaluate_parser,
+    add_report_parser,
+    add_train_editor_parser,
+]
 """The functions that add the subcommands, in the order `--help` lists them; append new ones here."""
 
 
@@ -181,48 +186,10 @@ def run_edit(args) -> int:
 
 
 def build_config(method: str | None, config_path: str | None, overrides: list[str]):
-    """The edit config of `method`, read from `config_path` (if given) with `KEY=VALUE` overrides applied."""
-    from .config import EditConfig, get_config_class, read_config_file
-    from .errors import EditConfigError
+    """The edit config of `method` (FT when neither it nor `--config` names one), with `--set` overrides applied."""
+    from .config import build_config as build
 
-    data: dict = {}
-    if config_path:
-        path = Path(config_path).expanduser()
-        if path.is_dir():
-            data = read_config_file(path)
-        elif path.is_file():
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                raise EditConfigError(f"--config {config_path} is not valid JSON: {error}") from None
-            if not isinstance(data, dict):
-                raise EditConfigError(f"--config {config_path} must hold a JSON object of config fields.")
-        else:
-            raise EditConfigError(f"--config {config_path} does not exist; give a JSON file or an artifact folder.")
-        # The base model of a saved edit is not the base model of this one: it is filled in when editing.
-        for key in ("base_model_name_or_path", "revision"):
-            data.pop(key, None)
-        file_method = data.get("edit_type")
-        if method and file_method and file_method != method:
-            raise EditConfigError(
-                f"--config {config_path} is a config of the method {file_method!r}, but --method is {method!r}; "
-                "drop --method or give a config of that method."
-            )
-        method = method or file_method
-    method = method or "ft"
-    config_cls = get_config_class(method)
-    names = sorted(f.name for f in dataclasses.fields(config_cls) if f.init)
-    for key, value in parse_overrides(overrides).items():
-        if key not in names:
-            raise EditConfigError(
-                f"--set {key}: {config_cls.__name__} has no field {key!r}; its fields are {names}."
-            )
-        data[key] = value
-    data["edit_type"] = method
-    try:
-        return EditConfig.from_dict(data)
-    except TypeError as error:  # a value of the wrong type that the config's checks did not catch
-        raise EditConfigError(f"Invalid {config_cls.__name__} fields: {error}") from None
+    return build(method or (None if config_path else "ft"), config_path, parse_overrides(overrides))
 
 
 def _requests_from_args(args):

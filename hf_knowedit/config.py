@@ -171,3 +171,63 @@ def _lookup(edit_type: str):
             "hf_knowedit.register_edit_method(name, ConfigClass, EditorClass)."
         )
     return EDIT_METHODS[edit_type]
+
+
+def build_config(
+    method: str | None,
+    config: "dict | str | os.PathLike | None" = None,
+    overrides: dict[str, Any] | None = None,
+) -> EditConfig:
+    """The config of `method` from a dict, a JSON file or a saved edit's folder, with `overrides` applied.
+
+    The base model's name and revision recorded in a saved edit are dropped: they are filled in when editing. The
+    method may come from `config`'s `edit_type` alone; when both are given they must agree.
+
+    Example:
+
+    ```python
+    >>> from hf_knowedit.config import build_config
+    >>> build_config("ft", overrides={"variant": "ft_l", "num_steps": 5}).norm_constraint
+    0.0005
+
+    ```
+    """
+    data: dict[str, Any] = {}
+    if isinstance(config, (str, os.PathLike)):
+        path = Path(config).expanduser()
+        if path.is_dir():
+            data = read_config_file(path)
+        elif path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise EditConfigError(f"The config file {path} is not valid JSON: {error}") from None
+            if not isinstance(data, dict):
+                raise EditConfigError(f"The config file {path} must hold a JSON object of config fields.")
+        else:
+            raise EditConfigError(f"The config {path} does not exist; give a JSON file or a saved edit's folder.")
+    elif isinstance(config, dict):
+        data = dict(config)
+    elif config is not None:
+        raise EditConfigError(f"config must be a dict or a path, got {type(config).__name__}.")
+    for key in ("base_model_name_or_path", "revision", *ARTIFACT_KEYS):
+        data.pop(key, None)
+    file_method = data.pop("edit_type", None)
+    if method and file_method and file_method != method:
+        raise EditConfigError(
+            f"The config {config} is a config of the method {file_method!r}, not {method!r}; give a config of that "
+            "method, or leave the method out."
+        )
+    method = method or file_method
+    if not method:
+        raise EditConfigError("Give the method (e.g. 'ft'), or a config whose 'edit_type' names it.")
+    config_cls = get_config_class(method)
+    names = sorted(f.name for f in dataclasses.fields(config_cls) if f.init)
+    for key, value in (overrides or {}).items():
+        if key not in names:
+            raise EditConfigError(f"{config_cls.__name__} has no field {key!r}; its fields are {names}.")
+        data[key] = value
+    try:
+        return EditConfig.from_dict({**data, "edit_type": method})
+    except TypeError as error:  # a value of the wrong type that the config's own checks did not catch
+        raise EditConfigError(f"Invalid {config_cls.__name__} fields: {error}") from None

@@ -1,0 +1,592 @@
+"""The evaluation harness: edit a model case by case, in batches or sequentially, and score it before and after.
+
+A run writes into its output directory:
+
+- `settings.json`: what was run (method and config, model, dataset, selection, mode, schedule, protocols, seed). A
+  later run into the same directory must have the same settings, and then resumes it; `overwrite=True` deletes it
+  and starts afresh.
+- `pre.jsonl`: one line per case, the untouched model's scores (and the raw locality outputs that "unchanged" compares
+  with).
+- `results.jsonl`: one line per case: pre and post scores, skipped metrics with reasons, seconds, peak memory.
+- `curve.jsonl` (sequential runs with `every:K`): the mean scores of all cases edited so far, every K edits.
+- `summary.json`: means with 95% confidence intervals, skip counts, efficiency, versions.
+
+Modes:
+
+- `single`: each case edited alone on the untouched model, scored, and the edit removed (the base model is checked to
+  be restored).
+- `batch`: chunks of `batch_size` cases edited at once, each chunk on the untouched model.
+- `sequential`: the chunks (of `batch_size`, 1 by default) edited one after another on the same model, the edits
+  accumulating; scored per the schedule: `final` (every case after all edits), `immediate` (each chunk right after its
+  edit) or `every:K` (all cases edited so far after every K edits; per-case records hold the final scores).
+
+Resuming: in `single` and `batch` modes the chunks whose cases all have records are skipped. In `sequential` mode the
+edits of the cases already scored (`immediate`) or of the last checkpoint (`every:K`) are recomputed without being
+scored again, to rebuild the model's state; a `final` run has nothing to resume but its pre-edit scores.
+"""
+
+import json
+import math
+import os
+import platform
+import random
+import re
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import build_config
+from ..data import load_edit_dataset
+from ..edited_model import EditedModel
+from ..errors import KnowEditError
+from ..metrics import FLUENCY_PROTOCOL, PROTOCOLS
+from ..scoring import BatchScorer
+from ..utils import get_logger, tqdm, write_json
+from ..version import __version__
+from .probes import METRICS, score_cases
+
+
+logger = get_logger(__name__)
+
+MODES = ("single", "batch", "sequential")
+SETTINGS_NAME = "settings.json"
+PRE_NAME = "pre.jsonl"
+RESULTS_NAME = "results.jsonl"
+CURVE_NAME = "curve.jsonl"
+SUMMARY_NAME = "summary.json"
+EDIT_NAME = "evaluation"
+CI_METHOD = "normal approximation: mean ± 1.96 * s / sqrt(n), s the sample standard deviation (ddof=1) over cases"
+RESTORE_TOLERANCE = 1e-4
+
+
+class EvaluationSettingsError(KnowEditError, ValueError):
+    """Evaluation settings are invalid, or differ from those of the run already in the output directory."""
+
+
+def parse_schedule(schedule: str) -> tuple[str, int | None]:
+    """`"final"`, `"immediate"` or `"every:K"` (K a positive integer) -> `(kind, K)`."""
+    if schedule in ("final", "immediate"):
+        return schedule, None
+    match = re.fullmatch(r"every:(\d+)", str(schedule))
+    if match and int(match.group(1)) > 0:
+        return "every", int(match.group(1))
+    raise EvaluationSettingsError(
+        f"eval_schedule must be 'final', 'immediate' or 'every:K' with K a positive integer, got {schedule!r}."
+    )
+
+
+@dataclass
+class EvaluationSettings:
+    """What an evaluation run does; stored in `settings.json` and compared when a run resumes.
+
+    Args:
+        method (`str`): registered method name (`hf_knowedit.EDIT_METHODS`), e.g. `"ft"`.
+        config (`dict`): the method config's fields (`EditConfig.to_dict()`).
+        model (`str`): model id or path (`"default"` for the embedded SmolLM2-135M).
+        dataset (`str`): a file `load_edit_dataset` reads.
+        n (`int`, *optional*): number of cases (`None`: all after `offset`).
+        offset (`int`, *optional*, defaults to `0`): index of the first case.
+        mode (`str`, *optional*, defaults to `"single"`): `single`, `batch` or `sequential`.
+        batch_size (`int`, *optional*, defaults to `1`): cases per edit in `batch` and `sequential` modes.
+        eval_schedule (`str`, *optional*, defaults to `"final"`): `final`, `immediate` or `every:K`.
+        protocols (`list[str]`, *optional*, defaults to all three): protocols to compute.
+        fluency_tokens (`int`, *optional*, defaults to `50`): greedy tokens generated for fluency (0: none).
+        seed (`int`, *optional*, defaults to `0`): torch and Python seeds, reset to `seed + chunk` before each edit.
+        label (`str`, *optional*): the method's name in reports (default: from the config's variant, e.g. `FT-M`,
+            or the method's name in capitals; set when the run starts).
+    """
+
+    method: str
+    config: dict
+    model: str
+    dataset: str
+    n: int | None = None
+    offset: int = 0
+    mode: str = "single"
+    batch_size: int = 1
+    eval_schedule: str = "final"
+    protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
+    fluency_tokens: int = 50
+    seed: int = 0
+    label: str | None = None
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise EvaluationSettingsError(f"mode must be one of {MODES}, got {self.mode!r}.")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise EvaluationSettingsError(f"batch_size must be a positive integer, got {self.batch_size!r}.")
+        if self.mode == "single" and self.batch_size != 1:
+            raise EvaluationSettingsError(
+                f"mode 'single' edits one case at a time; got batch_size={self.batch_size}. Use mode 'batch'."
+            )
+        kind, _ = parse_schedule(self.eval_schedule)
+        if kind == "every" and self.mode != "sequential":
+            raise EvaluationSettingsError(
+                f"eval_schedule {self.eval_schedule!r} needs mode 'sequential'; in mode {self.mode!r} every chunk is "
+                "scored on its own edit ('final' or 'immediate')."
+            )
+        self.protocols = list(self.protocols)
+        bad = [p for p in self.protocols if p not in PROTOCOLS]
+        if bad or not self.protocols:
+            raise EvaluationSettingsError(
+                f"protocols must be a non-empty subset of {PROTOCOLS}, got {self.protocols}."
+            )
+        if not isinstance(self.fluency_tokens, int) or self.fluency_tokens < 0:
+            raise EvaluationSettingsError(
+                f"fluency_tokens must be a non-negative integer, got {self.fluency_tokens!r}."
+            )
+
+    def comparable(self) -> dict:
+        """The settings a resumed run must share; `n` may grow in `single`/`batch` modes (cases are independent)."""
+        data = asdict(self)
+        data.pop("label")
+        if self.mode != "sequential":
+            data.pop("n")
+        return data
+
+
+def default_label(method: str, config: dict) -> str:
+    """The method's name in reports: its variant (`ft_m` -> `FT-M`) or its name in capitals."""
+    variant = config.get("variant") if isinstance(config, dict) else None
+    return (variant or method).upper().replace("_", "-")
+
+
+# -- memory and versions -------------------------------------------------------------------------------------------
+def peak_memory() -> dict:
+    """Peak resident memory of this process (bytes, from `getrusage`) and, on GPU, peak allocated CUDA memory."""
+    usage = {"rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if torch.cuda.is_available():
+        usage["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
+    return usage
+
+
+def environment_info(model) -> dict:
+    import transformers
+
+    config = getattr(model, "config", None)
+    return {
+        "hf_knowedit": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": str(next(model.parameters()).device),
+        "torch_threads": torch.get_num_threads(),
+        "model_name_or_path": getattr(config, "_name_or_path", None),
+        "model_type": getattr(config, "model_type", None),
+        "model_dtype": str(next(model.parameters()).dtype),
+        "model_parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+# -- JSONL ---------------------------------------------------------------------------------------------------------
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file; a last line cut short by an interruption is dropped."""
+    if not path.is_file():
+        return []
+    records = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines) - 1:
+                logger.warning("Dropping the truncated last line of %s", path)
+                break
+            raise EvaluationSettingsError(f"{path} line {number + 1} is not valid JSON; delete the file or use "
+                                          "overwrite.") from None
+    return records
+
+
+def append_jsonl(path: Path, records: list[dict]) -> None:
+    with path.open("a", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _rewrite_jsonl(path: Path, records: list[dict]) -> None:
+    """Rewrite a JSONL file (drops a cut-off last line before appending)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in records),
+                   encoding="utf-8")
+    tmp.replace(path)
+
+
+# -- the run -------------------------------------------------------------------------------------------------------
+def _prepare_output(output_dir: Path, settings: EvaluationSettings, overwrite: bool) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / SETTINGS_NAME
+    if path.is_file():
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        stored.pop("hf_knowedit_version", None)
+        try:
+            previous = EvaluationSettings(**stored).comparable()
+        except (TypeError, EvaluationSettingsError):
+            previous = stored
+        current = settings.comparable()
+        differing = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+        if differing and not overwrite:
+            details = "; ".join(f"{k}: {previous.get(k)!r} there, {current.get(k)!r} now" for k in differing)
+            raise EvaluationSettingsError(
+                f"The output directory {str(output_dir)!r} holds a run with other settings ({details}). Use another "
+                "directory, or overwrite=True (--overwrite) to delete that run."
+            )
+    if overwrite:
+        for name in (SETTINGS_NAME, PRE_NAME, RESULTS_NAME, CURVE_NAME, SUMMARY_NAME):
+            (output_dir / name).unlink(missing_ok=True)
+    write_json(path, asdict(settings))
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _chunks(indices: list[int], size: int) -> list[list[int]]:
+    return [indices[i : i + size] for i in range(0, len(indices), size)]
+
+
+def _strip_raw(result: dict) -> dict:
+    return {"scores": result["scores"], "skipped": result["skipped"]}
+
+
+def run_evaluation(
+    settings: EvaluationSettings,
+    output_dir: str | os.PathLike,
+    model=None,
+    tokenizer=None,
+    overwrite: bool = False,
+    scorer_batch_size: int = 32,
+) -> dict:
+    """Run (or resume) the evaluation described by `settings` into `output_dir`; return the summary.
+
+    `model` and `tokenizer` default to `load_model_and_tokenizer(settings.model)`; pass them to evaluate a model held
+    in memory (`settings.model` is then only its name in the records).
+
+    Example:
+
+    ```python
+    >>> import tempfile
+    >>> from hf_knowedit.evaluation import EvaluationSettings, run_evaluation
+    >>> from tests.tiny_models import tiny_model, tiny_tokenizer
+    >>> requests = [{"prompt": "The capital of {} is", "subject": "Atlantis", "target_new": "Paris"}]
+    >>> path = tempfile.mkdtemp() + "/cases.json"
+    >>> _ = open(path, "w").write(__import__("json").dumps(requests))
+    >>> settings = EvaluationSettings(method="ft", config={"num_steps": 2}, model="tiny-gpt2", dataset=path,
+    ...                               fluency_tokens=0)
+    >>> summary = run_evaluation(settings, tempfile.mkdtemp(), model=tiny_model("gpt2"), tokenizer=tiny_tokenizer())
+    >>> summary["num_completed"]
+    1
+
+    ```
+    """
+    from ..modeling import load_model_and_tokenizer, prepare_tokenizer
+
+    output_dir = Path(output_dir)
+    config = build_config(settings.method, settings.config)
+    settings.config = config.to_dict()
+    settings.config.pop("edit_type", None)
+    settings.config = {k: v for k, v in settings.config.items()
+                       if k not in ("base_model_name_or_path", "revision")}
+    settings.label = settings.label or default_label(settings.method, settings.config)
+    if not Path(settings.dataset).exists():
+        raise EvaluationSettingsError(f"The dataset file {settings.dataset!r} does not exist.")
+    requests = load_edit_dataset(settings.dataset, n=settings.n, offset=settings.offset)
+    _prepare_output(output_dir, settings, overwrite)
+    if model is None:
+        model, loaded_tokenizer = load_model_and_tokenizer(settings.model)
+        tokenizer = tokenizer or loaded_tokenizer
+    if tokenizer is None:
+        raise EvaluationSettingsError("Pass the model's tokenizer along with the model.")
+    prepare_tokenizer(tokenizer)
+    if isinstance(model, EditedModel):
+        if model.edit_names:
+            raise EvaluationSettingsError(
+                f"The model already has edits {model.edit_names}; evaluate an untouched model."
+            )
+        edited = model
+    else:
+        edited = EditedModel(model, tokenizer)
+    edited.tokenizer = tokenizer
+    edited.eval()
+    scorer = BatchScorer(edited, tokenizer, batch_size=scorer_batch_size)
+    indices = [settings.offset + i for i in range(len(requests))]
+    by_index = dict(zip(indices, requests))
+    protocols = tuple(settings.protocols)
+    start_wall = time.perf_counter()
+
+    # 1. The untouched model.
+    pre_path = output_dir / PRE_NAME
+    pre_records = {r["index"]: r for r in read_jsonl(pre_path)}
+    _rewrite_jsonl(pre_path, list(pre_records.values()))
+    missing = [i for i in indices if i not in pre_records]
+    if missing:
+        bar = tqdm(total=len(missing), desc="pre-edit scores", leave=False)
+        for chunk in _chunks(missing, max(scorer_batch_size, 1)):
+            results = score_cases(scorer, [by_index[i] for i in chunk], protocols, settings.fluency_tokens)
+            new = [{"index": i, "case_id": by_index[i].case_id, **r} for i, r in zip(chunk, results)]
+            append_jsonl(pre_path, new)
+            pre_records.update({r["index"]: r for r in new})
+            bar.update(len(chunk))
+        bar.close()
+
+    # 2. The edits.
+    results_path = output_dir / RESULTS_NAME
+    done = {r["index"]: r for r in read_jsonl(results_path)}
+    _rewrite_jsonl(results_path, list(done.values()))
+    chunks = _chunks(indices, settings.batch_size if settings.mode != "single" else 1)
+    kind, every = parse_schedule(settings.eval_schedule)
+    bar = tqdm(total=len(indices), desc=f"{settings.label} {settings.mode}", unit="case")
+    running = _RunningMeans(protocols[0])
+    for record in done.values():
+        if record["index"] in by_index:
+            running.add(record)
+    bar.set_postfix(running.postfix())
+
+    environment = environment_info(edited.base_model)
+
+    def write_summary() -> dict:
+        summary = summarize([done[i] for i in indices if i in done], settings,
+                            wall_seconds=time.perf_counter() - start_wall, curve=read_jsonl(output_dir / CURVE_NAME),
+                            environment=environment, num_cases=len(indices))
+        write_json(output_dir / SUMMARY_NAME, summary)
+        return summary
+
+    def score_and_record(chunk_ids, chunk_no, edit_seconds, num_edits, restored=None):
+        start = time.perf_counter()
+        results = score_cases(scorer, [by_index[i] for i in chunk_ids], protocols, settings.fluency_tokens,
+                              pre_raw=[pre_records[i]["raw"] for i in chunk_ids])
+        eval_seconds = time.perf_counter() - start
+        records = []
+        for i, result in zip(chunk_ids, results):
+            records.append({
+                "index": i,
+                "case_id": by_index[i].case_id,
+                "chunk": chunk_no,
+                "chunk_indices": chunk_ids,
+                "mode": settings.mode,
+                "num_edits_applied": num_edits,
+                "pre": _strip_raw(pre_records[i]),
+                "post": _strip_raw(result),
+                "edit_seconds": edit_seconds,
+                "eval_seconds": eval_seconds / len(chunk_ids),
+                "memory": peak_memory(),
+                **({"base_restored": restored} if restored is not None else {}),
+            })
+        return records
+
+    if settings.mode in ("single", "batch"):
+        for chunk_no, chunk in enumerate(chunks):
+            if all(i in done and done[i].get("chunk_indices") == chunk for i in chunk):
+                continue
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            _seed(settings.seed + chunk_no)
+            start = time.perf_counter()
+            edited.add_edits(config, [by_index[i] for i in chunk], edit_name=EDIT_NAME)
+            edit_seconds = (time.perf_counter() - start) / len(chunk)
+            records = score_and_record(chunk, chunk_no, edit_seconds, len(chunk))
+            edited.delete_edit(EDIT_NAME)
+            restored = _check_restored(scorer, by_index[chunk[0]], pre_records[chunk[0]])
+            for record in records:
+                record["base_restored"] = restored
+            append_jsonl(results_path, records)
+            for record in records:
+                done[record["index"]] = record
+                running.add(record)
+            bar.update(len(chunk))
+            bar.set_postfix(running.postfix())
+            write_summary()  # a partial summary (complete: false) survives an interruption
+    elif not all(i in done for i in indices):
+        curve = read_jsonl(output_dir / CURVE_NAME)
+        if curve and max(p["num_edits"] for p in curve) >= len(indices):
+            curve = [p for p in curve if p["num_edits"] < len(indices)]  # its records were not all written
+        _rewrite_jsonl(output_dir / CURVE_NAME, curve)
+        resume_edits = 0  # edits whose scores are recorded: recomputed to rebuild the state, not scored again
+        if kind == "immediate":
+            for chunk in chunks:
+                if not all(i in done for i in chunk):
+                    break
+                resume_edits += len(chunk)
+        elif kind == "every" and curve:
+            resume_edits = max(point["num_edits"] for point in curve)
+        if resume_edits:
+            logger.info("Resuming: recomputing the first %d edits without scoring them again", resume_edits)
+        edit_times: dict[int, float] = {}
+        applied, next_checkpoint = 0, every
+        for chunk_no, chunk in enumerate(chunks):
+            if torch.cuda.is_available() and applied >= resume_edits:
+                torch.cuda.reset_peak_memory_stats()
+            _seed(settings.seed + chunk_no)
+            start = time.perf_counter()
+            edited.add_edits(config, [by_index[i] for i in chunk], edit_name=EDIT_NAME)
+            edit_seconds = (time.perf_counter() - start) / len(chunk)
+            applied += len(chunk)
+            edit_times.update(dict.fromkeys(chunk, edit_seconds))
+            if applied <= resume_edits:
+                continue
+            if kind == "immediate":
+                records = score_and_record(chunk, chunk_no, edit_seconds, applied)
+                append_jsonl(results_path, records)
+                for record in records:
+                    done[record["index"]] = record
+                    running.add(record)
+                bar.update(len(chunk))
+                bar.set_postfix(running.postfix())
+                write_summary()
+            elif kind == "every" and (applied >= next_checkpoint or applied == len(indices)):
+                while next_checkpoint <= applied:
+                    next_checkpoint += every
+                point = score_and_record(indices[:applied], chunk_no, None, applied)
+                append_jsonl(output_dir / CURVE_NAME, [_curve_point(applied, point, protocols)])
+                bar.update(applied - bar.n)
+                write_summary()
+                if applied == len(indices):
+                    for record in point:
+                        record["edit_seconds"] = edit_times[record["index"]]
+                    append_jsonl(results_path, point)
+                    done.update({r["index"]: r for r in point})
+        if kind == "final":
+            records = score_and_record(indices, len(chunks) - 1, None, applied)
+            for record in records:
+                record["edit_seconds"] = edit_times[record["index"]]
+            append_jsonl(results_path, records)
+            done.update({r["index"]: r for r in records})
+            bar.update(len(indices) - bar.n)
+        edited.delete_edit(EDIT_NAME)
+    bar.close()
+
+    return write_summary()
+
+
+def _check_restored(scorer, request, pre_record) -> bool:
+    """After removing an edit, the first case's edit prompt must score as before the edit (else raise)."""
+    reference = pre_record["raw"].get("edit_log_prob")
+    if reference is None:
+        return True
+    now = scorer.score_targets([request.filled_prompt], [request.target_new])[0].mean_log_prob
+    if not math.isclose(now, reference, abs_tol=RESTORE_TOLERANCE):
+        raise KnowEditError(
+            f"After removing the edit, case {request.case_id!r} has mean log-probability {now:.6f} of its target "
+            f"instead of {reference:.6f} before any edit: the base model was not restored."
+        )
+    return True
+
+
+class _RunningMeans:
+    """Running means of post-edit scores for the progress bar."""
+
+    def __init__(self, protocol: str):
+        self.protocol = protocol
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, record: dict) -> None:
+        for metric in ("reliability", "generalization", "locality_unchanged", "portability"):
+            result = record["post"]["scores"].get(metric, {}).get(self.protocol)
+            if result is not None:
+                self.sums[metric] = self.sums.get(metric, 0.0) + result["score"]
+                self.counts[metric] = self.counts.get(metric, 0) + 1
+
+    def postfix(self) -> dict:
+        short = {"reliability": "rel", "generalization": "gen", "locality_unchanged": "loc", "portability": "port"}
+        return {short[m]: f"{self.sums[m] / self.counts[m]:.3f}" for m in self.sums}
+
+
+def _curve_point(num_edits: int, records: list[dict], protocols) -> dict:
+    means = _metric_stats(records, "post", protocols)
+    return {"num_edits": num_edits, "metrics": means}
+
+
+def _metric_stats(records: list[dict], side: str, protocols) -> dict:
+    stats: dict = {}
+    for metric in METRICS:
+        for protocol in (FLUENCY_PROTOCOL,) if metric == "fluency" else protocols:
+            values = [r[side]["scores"][metric][protocol]["score"] for r in records
+                      if protocol in r[side]["scores"].get(metric, {})]
+            skipped = sum(f"{metric}/{protocol}" in r[side]["skipped"] for r in records)
+            if not values and not skipped:
+                continue
+            stats.setdefault(metric, {})[protocol] = {**mean_ci(values), "skipped": skipped, "protocol": protocol}
+    return stats
+
+
+def mean_ci(values: list[float]) -> dict:
+    """Mean, 95% confidence interval (normal approximation) and count; `None`s when there are no values."""
+    n = len(values)
+    if n == 0:
+        return {"mean": None, "ci95": None, "n": 0}
+    mean = sum(values) / n
+    if n == 1:
+        return {"mean": mean, "ci95": [mean, mean], "n": 1}
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = 1.96 * sd / math.sqrt(n)
+    return {"mean": mean, "ci95": [mean - half, mean + half], "n": n}
+
+
+def summarize(records: list[dict], settings: EvaluationSettings, wall_seconds: float | None = None,
+              curve: list[dict] | None = None, environment: dict | None = None, num_cases: int | None = None) -> dict:
+    """The summary of a run's per-case records: means with 95% CIs per metric and protocol, skips, efficiency."""
+    protocols = tuple(settings.protocols)
+    skip_reasons: dict[str, dict[str, int]] = {}
+    for record in records:
+        for key, reason in record["post"]["skipped"].items():
+            skip_reasons.setdefault(key, {}).setdefault(reason, 0)
+            skip_reasons[key][reason] += 1
+    edit_seconds = [r["edit_seconds"] for r in records if r.get("edit_seconds") is not None]
+    memory = [r.get("memory", {}) for r in records]
+    return {
+        "settings": asdict(settings),
+        "method": settings.method,
+        "method_label": settings.label,
+        "method_config": settings.config,
+        "dataset_name": Path(settings.dataset).stem,
+        "mode": settings.mode,
+        "batch_size": settings.batch_size,
+        "eval_schedule": settings.eval_schedule,
+        "protocols": list(protocols),
+        "seed": settings.seed,
+        "num_cases": num_cases if num_cases is not None else len(records),
+        "num_completed": len(records),
+        "complete": num_cases is None or len(records) == num_cases,
+        "ci_method": CI_METHOD,
+        "aggregation": "per case: mean over its probes; per run: mean over cases",
+        "metrics": {"pre": _metric_stats(records, "pre", protocols), "post": _metric_stats(records, "post", protocols)},
+        "skip_reasons": skip_reasons,
+        "efficiency": {
+            "edit_seconds_per_case": mean_ci(edit_seconds),
+            "edit_seconds_total": sum(edit_seconds),
+            "eval_seconds_total": sum(r.get("eval_seconds") or 0.0 for r in records),
+            "wall_seconds_this_session": wall_seconds,
+            "rss_peak_bytes": max((m.get("rss_peak_bytes", 0) for m in memory), default=None),
+            "cuda_max_allocated_bytes": max((m.get("cuda_max_allocated_bytes", 0) for m in memory), default=None)
+            if torch.cuda.is_available() else None,
+        },
+        "base_restored_checks": sum(1 for r in records if r.get("base_restored")),
+        "curve": curve or [],
+        "environment": environment or {},
+    }
+
+
+def load_summary(output_dir: str | os.PathLike) -> dict:
+    path = Path(output_dir) / SUMMARY_NAME
+    if not path.is_file():
+        raise EvaluationSettingsError(f"{str(path)!r} does not exist: {str(output_dir)!r} is not a finished run.")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+__all__ = [
+    "EvaluationSettings",
+    "EvaluationSettingsError",
+    "load_summary",
+    "mean_ci",
+    "parse_schedule",
+    "run_evaluation",
+    "summarize",
+]

@@ -1,0 +1,238 @@
+"""Reports of evaluation runs: Markdown tables and PNG plots, from the runs' `summary.json` files.
+
+- The main table is shaped like Table 2 of the KnowEdit survey (Zhang et al. 2024, "A Comprehensive Study of Knowledge
+  Editing for Large Language Models"): one row per method, one group of columns per dataset with Reliability,
+  Generalization, Locality and Portability, in one protocol. Each (method, dataset) cell group comes from the run that
+  is closest to editing one fact at a time (mode `single`, else the smallest batch, else sequential).
+- A second table lists every run with its mode, batch size, schedule, number of cases, all metrics, time and memory.
+- Plots: each metric against the number of edits (batch size for batch runs, edits applied for sequential runs), one
+  figure per dataset; and edit time per case and peak memory per run.
+"""
+
+import json
+import os
+from pathlib import Path
+
+from .harness import SUMMARY_NAME
+
+
+TABLE_METRICS = (("reliability", "Rel."), ("generalization", "Gen."), ("locality_unchanged", "Loc."),
+                 ("portability", "Port."))
+ALL_METRICS = TABLE_METRICS + (("locality_ground_truth", "Loc. (GT)"), ("fluency", "Flu."))
+
+
+def find_summaries(paths: list[str | os.PathLike]) -> list[tuple[Path, dict]]:
+    """`(run directory, summary)` for each path that is a run, or each run found below a path, sorted by path."""
+    found = []
+    for path in paths:
+        path = Path(path)
+        if (path / SUMMARY_NAME).is_file():
+            candidates = [path / SUMMARY_NAME]
+        elif path.is_dir():
+            candidates = sorted(path.rglob(SUMMARY_NAME))
+        else:
+            candidates = []
+        if not candidates:
+            from .harness import EvaluationSettingsError
+
+            raise EvaluationSettingsError(f"No {SUMMARY_NAME} in or below {str(path)!r}: not an evaluation run.")
+        for candidate in candidates:
+            found.append((candidate.parent, json.loads(candidate.read_text(encoding="utf-8"))))
+    unique = {str(directory): (directory, _latest_checkpoint(summary)) for directory, summary in found}
+    return [unique[key] for key in sorted(unique)]
+
+
+def _latest_checkpoint(summary: dict) -> dict:
+    """An interrupted sequential `every:K` run is shown at its last checkpoint (all cases edited so far)."""
+    if summary["mode"] != "sequential" or summary.get("complete", True) or not summary.get("curve"):
+        return summary
+    point = max(summary["curve"], key=lambda p: p["num_edits"])
+    return {**summary, "metrics": {**summary["metrics"], "post": point["metrics"]},
+            "num_completed": point["num_edits"], "shown_at_checkpoint": point["num_edits"]}
+
+
+def _stat(summary: dict, metric: str, protocol: str, side: str = "post") -> dict | None:
+    protocol = "ngram_entropy" if metric == "fluency" else protocol
+    stats = summary["metrics"][side].get(metric, {}).get(protocol)
+    return stats if stats and stats.get("mean") is not None else None
+
+
+def _cell(summary: dict, metric: str, protocol: str, scale: float = 100.0, side: str = "post") -> str:
+    stats = _stat(summary, metric, protocol, side)
+    if stats is None:
+        return "–"
+    if metric == "fluency":
+        scale = 1.0
+    low, high = stats["ci95"]
+    return f"{stats['mean'] * scale:.1f} ± {(high - low) / 2 * scale:.1f}"
+
+
+def _x_edits(summary: dict) -> int:
+    return summary["batch_size"] if summary["mode"] != "sequential" else summary["num_completed"]
+
+
+def _main_rank(summary: dict) -> tuple:
+    order = {"single": 0, "batch": 1, "sequential": 2}
+    return (not summary.get("complete", True), order[summary["mode"]], summary["batch_size"])
+
+
+def markdown_tables(runs: list[tuple[Path, dict]], protocol: str = "token_accuracy", relative_to=None) -> str:
+    """The main method x dataset table and the table of all runs, in Markdown."""
+    datasets = sorted({s["dataset_name"] for _, s in runs})
+    methods = sorted({s["method_label"] for _, s in runs})
+    best: dict[tuple[str, str], tuple[Path, dict]] = {}
+    for directory, summary in runs:
+        key = (summary["method_label"], summary["dataset_name"])
+        if key not in best or _main_rank(summary) < _main_rank(best[key][1]):
+            best[key] = (directory, summary)
+    lines = [f"Scores in % (mean ± half-width of the 95% confidence interval over cases), protocol `{protocol}`, "
+             "locality = prediction unchanged by the edit.", ""]
+    header = "| Method | " + " | ".join(f"{d} {label}" for d in datasets for _, label in TABLE_METRICS) + " |"
+    lines += [header, "|---|" + "---|" * (len(datasets) * len(TABLE_METRICS))]
+    for method in methods:
+        cells = []
+        for dataset in datasets:
+            entry = best.get((method, dataset))
+            cells += [_cell(entry[1], metric, protocol) if entry else "–" for metric, _ in TABLE_METRICS]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    cells = []
+    for dataset in datasets:  # the untouched model, scored on the same cases as the first method's run
+        entry = next((best[(m, dataset)] for m in methods if (m, dataset) in best), None)
+        cells += [_cell(entry[1], metric, protocol, side="pre") if entry else "–" for metric, _ in TABLE_METRICS]
+    lines.append("| *unedited model* | " + " | ".join(cells) + " |")
+    lines += ["", "Runs behind each row (the run closest to one edit at a time):", ""]
+    for (method, dataset), (directory, summary) in sorted(best.items()):
+        lines.append(f"- {method} / {dataset}: `{_rel(directory, relative_to)}` ({_describe(summary)})")
+    lines += ["", "All runs:", "",
+              "| Method | Dataset | Mode | Batch | Schedule | Cases | "
+              + " | ".join(label for _, label in ALL_METRICS) + " | Edit s/case | Peak RSS GB | Run |",
+              "|---|---|---|---|---|---|" + "---|" * len(ALL_METRICS) + "---|---|---|"]
+    for directory, summary in sorted(runs, key=lambda r: (r[1]["dataset_name"], r[1]["method_label"],
+                                                         r[1]["mode"], r[1]["batch_size"])):
+        eff = summary["efficiency"]
+        seconds = eff["edit_seconds_per_case"]["mean"]
+        rss = eff.get("rss_peak_bytes")
+        lines.append(
+            f"| {summary['method_label']} | {summary['dataset_name']} | {summary['mode']} | {summary['batch_size']} | "
+            f"{summary['eval_schedule']} | {summary['num_completed']}/{summary['num_cases']} | "
+            + " | ".join(_cell(summary, metric, protocol) for metric, _ in ALL_METRICS)
+            + f" | {f'{seconds:.2f}' if seconds is not None else '–'} | {f'{rss / 1e9:.2f}' if rss else '–'} | "
+            f"`{_rel(directory, relative_to)}` |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _describe(summary: dict) -> str:
+    text = f"{summary['mode']}, batch {summary['batch_size']}, schedule {summary['eval_schedule']}, " \
+           f"{summary['num_completed']}/{summary['num_cases']} cases"
+    if "shown_at_checkpoint" in summary:
+        text += f", interrupted: scores of the checkpoint after {summary['shown_at_checkpoint']} edits"
+    return text + ("" if summary.get("complete", True) else ", incomplete")
+
+
+def _rel(path: Path, relative_to) -> str:
+    if relative_to is None:
+        return str(path)
+    try:
+        return os.path.relpath(path, relative_to)
+    except ValueError:
+        return str(path)
+
+
+def plot_metrics_vs_edits(runs: list[tuple[Path, dict]], output_dir: Path, protocol: str = "token_accuracy"):
+    """One PNG per dataset: each metric against the number of edits, a line per method and mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    files = []
+    for dataset in sorted({s["dataset_name"] for _, s in runs}):
+        subset = [s for _, s in runs if s["dataset_name"] == dataset]
+        metrics = [(m, label) for m, label in ALL_METRICS if any(_stat(s, m, protocol) for s in subset)]
+        if not metrics:
+            continue
+        fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2), squeeze=False)
+        for ax, (metric, label) in zip(axes[0], metrics):
+            series: dict[str, list[tuple[int, float]]] = {}
+            for summary in subset:
+                name = f"{summary['method_label']} {summary['mode'] if summary['mode'] != 'single' else 'batch'}"
+                if summary["mode"] == "sequential" and summary.get("curve"):
+                    for point in summary["curve"]:
+                        stats = point["metrics"].get(metric, {}).get(
+                            "ngram_entropy" if metric == "fluency" else protocol)
+                        if stats and stats.get("mean") is not None:
+                            series.setdefault(name, []).append((point["num_edits"], stats["mean"]))
+                    continue
+                stats = _stat(summary, metric, protocol)
+                if stats is not None:
+                    series.setdefault(name, []).append((_x_edits(summary), stats["mean"]))
+            for name, points in sorted(series.items()):
+                points = sorted(dict(points).items())
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_xlabel("number of edits")
+            if metric != "fluency":
+                ax.set_ylim(-0.02, 1.02)
+            ax.set_title(label if metric == "fluency" else f"{label} ({protocol})", fontsize=9)
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle(f"{dataset}: x = batch size (batch runs) or edits applied so far (sequential runs)", fontsize=10)
+        fig.tight_layout()
+        path = output_dir / f"metrics_vs_edits_{_slug(dataset)}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path)
+    return files
+
+
+def plot_efficiency(runs: list[tuple[Path, dict]], output_dir: Path):
+    """A PNG with the mean edit time per case and the peak memory of each run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(f"{s['method_label']} {s['dataset_name'][:12]} {s['mode'][:3]} b{s['batch_size']}",
+             s["efficiency"]["edit_seconds_per_case"]["mean"],
+             (s["efficiency"].get("cuda_max_allocated_bytes") or s["efficiency"].get("rss_peak_bytes") or 0) / 1e9)
+            for _, s in runs if s["efficiency"]["edit_seconds_per_case"]["mean"] is not None]
+    if not rows:
+        return []
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.35 * len(rows) + 1.5))
+    labels = [r[0] for r in rows]
+    axes[0].barh(labels, [r[1] for r in rows])
+    axes[0].set_xlabel("edit seconds per case")
+    axes[1].barh(labels, [r[2] for r in rows])
+    axes[1].set_xlabel("peak memory, GB (CUDA allocated, else process RSS)")
+    axes[1].set_yticklabels([])
+    for ax in axes:
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    path = output_dir / "efficiency.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
+
+
+def write_report(paths: list[str | os.PathLike], output_dir: str | os.PathLike,
+                 protocol: str = "token_accuracy") -> list[Path]:
+    """Write `report.md` and the PNG plots of the runs in `paths` into `output_dir`; return the files written."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    runs = find_summaries(paths)
+    plots = plot_metrics_vs_edits(runs, output_dir, protocol) + plot_efficiency(runs, output_dir)
+    text = "# Evaluation report\n\n" + markdown_tables(runs, protocol, relative_to=output_dir) + "\n"
+    text += "".join(f"![{p.stem}]({p.name})\n\n" for p in plots)
+    report = output_dir / "report.md"
+    report.write_text(text, encoding="utf-8")
+    return [report, *plots]
+
+
+__all__ = ["find_summaries", "markdown_tables", "plot_efficiency", "plot_metrics_vs_edits", "write_report"]

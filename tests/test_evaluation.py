@@ -1,0 +1,232 @@
+"""End-to-end tests of the evaluation harness, the batched scorer and the reports, on a tiny model."""
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from hf_knowedit.config import build_config
+from hf_knowedit.data import DatasetFormatError, DatasetSelectionError
+from hf_knowedit.errors import EditConfigError
+from hf_knowedit.evaluation import (
+    EvaluationSettings,
+    EvaluationSettingsError,
+    mean_ci,
+    run_evaluation,
+)
+from hf_knowedit.evaluation.cli import add_evaluate_parser, add_report_parser
+from hf_knowedit.evaluation.report import write_report
+from hf_knowedit.scoring import BatchScorer
+from hf_knowedit.utils import parse_overrides
+
+from .tiny_models import tiny_model, tiny_tokenizer
+
+
+CASES = [
+    {"prompt": "The capital of {} is", "subject": "Atlantis", "target_new": "Paris", "target_true": "Rome",
+     "rephrase_prompts": ["Atlantis has its capital in"],
+     "locality": [{"prompt": "The capital of Spain is", "answer": "Madrid"}],
+     "portability": [{"prompt": "The capital of Atlantis is on the river", "answer": ["Seine", "the Seine"]}]},
+    {"prompt": "{} plays the", "subject": "Miles Davis", "target_new": "violin", "target_true": "trumpet",
+     "rephrase_prompts": ["The instrument of Miles Davis is the"],
+     "locality": [{"prompt": "Eric Clapton plays the", "answer": "guitar"}]},
+    {"prompt": "{} was born in", "subject": "Ada Lovelace", "target_new": "Berlin",
+     "locality": [{"prompt": "Alan Turing was born in", "answer": "London"}]},
+    {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target_new": "English",
+     "target_true": "French", "rephrase_prompts": ["Danielle Darrieux speaks"],
+     "locality": [{"prompt": "Michel Rocard is a native speaker of", "answer": "French"}]},
+    {"prompt": "{} is a citizen of", "subject": "Leonardo da Vinci", "target_new": "Japan", "target_true": "Italy",
+     "rephrase_prompts": ["The country of Leonardo da Vinci is"],
+     "portability": [{"prompt": "The currency of the country of Leonardo da Vinci is the", "answer": "yen"}]},
+]
+CONFIG = {"num_steps": 4, "lr": 0.05}
+MODES = [("single", 1, "final"), ("batch", 2, "final"), ("sequential", 2, "immediate"), ("sequential", 1, "every:2")]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "cases.jsonl"
+    path.write_text("".join(json.dumps(case) + "\n" for case in CASES))
+    return str(path)
+
+
+def _settings(dataset, mode="single", batch_size=1, schedule="final", n=5, **kwargs):
+    return EvaluationSettings(method="ft", config=dict(CONFIG), model="tiny-llama", dataset=dataset, n=n, mode=mode,
+                              batch_size=batch_size, eval_schedule=schedule, fluency_tokens=6, **kwargs)
+
+
+def _run(settings, output, **kwargs):
+    return run_evaluation(settings, output, model=tiny_model("llama"), tokenizer=tiny_tokenizer(), **kwargs)
+
+
+def _records(output):
+    return [json.loads(line) for line in (output / "results.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(dataset, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    result = {}
+    for mode, batch_size, schedule in MODES:
+        output = root / f"{mode}_{batch_size}_{schedule.replace(':', '')}"
+        result[(mode, batch_size, schedule)] = (output, _run(_settings(dataset, mode, batch_size, schedule), output))
+    return root, result
+
+
+@pytest.mark.parametrize("key", MODES, ids=[f"{m}-{b}-{s}" for m, b, s in MODES])
+def test_each_mode_writes_records_and_summary(runs, key):
+    _, by_key = runs
+    output, summary = by_key[key]
+    records = _records(output)
+    assert sorted(r["index"] for r in records) == [0, 1, 2, 3, 4]
+    for record in records:
+        assert record["mode"] == key[0]
+        assert record["edit_seconds"] > 0 and record["memory"]["rss_peak_bytes"] > 0
+        assert record["post"]["scores"]["reliability"]["token_accuracy"]["protocol"] == "token_accuracy"
+        assert "locality_unchanged" not in record["pre"]["scores"]
+    assert summary["complete"] and summary["num_completed"] == 5
+    assert summary["eval_schedule"] == key[2] and summary["protocols"] == ["token_accuracy", "prob_comparison",
+                                                                          "exact_match"]
+    assert summary["method_config"]["num_steps"] == 4 and summary["environment"]["hf_knowedit"]
+    post = summary["metrics"]["post"]
+    rel = post["reliability"]["token_accuracy"]
+    assert rel["n"] == 5 and rel["protocol"] == "token_accuracy" and rel["ci95"][0] <= rel["mean"] <= rel["ci95"][1]
+    # skips are counted, never scored zero: case 2 has no rephrase, no target_true; 2 cases lack locality or portability
+    assert post["generalization"]["token_accuracy"]["skipped"] == 1
+    assert post["reliability"]["prob_comparison"] == {**post["reliability"]["prob_comparison"], "n": 4, "skipped": 1}
+    assert post["portability"]["token_accuracy"]["n"] == 2 and post["portability"]["token_accuracy"]["skipped"] == 3
+    assert post["portability"]["prob_comparison"]["n"] == 0
+    assert post["locality_unchanged"]["exact_match"]["n"] == 4
+    assert summary["skip_reasons"]["portability/prob_comparison"] == {
+        "portability probes have no contrasting answer": 2, "no portability prompts": 3}
+    assert post["fluency"]["ngram_entropy"]["n"] == 5
+    # the edits took: FT with a large learning rate raises the target's probability on the edit prompt
+    before = summary["metrics"]["pre"]["reliability"]["prob_comparison"]["mean"]
+    assert post["reliability"]["prob_comparison"]["mean"] >= before
+    assert json.loads((output / "settings.json").read_text())["mode"] == key[0]
+
+
+def test_single_and_batch_restore_the_base_model(runs):
+    _, by_key = runs
+    for key in (("single", 1, "final"), ("batch", 2, "final")):
+        output, summary = by_key[key]
+        assert summary["base_restored_checks"] == 5
+        assert [r["chunk_indices"] for r in _records(output)][:2] == ([[0], [1]] if key[0] == "single"
+                                                                      else [[0, 1], [0, 1]])
+
+
+def test_sequential_schedules(runs):
+    _, by_key = runs
+    immediate = _records(by_key[("sequential", 2, "immediate")][0])
+    assert [r["num_edits_applied"] for r in sorted(immediate, key=lambda r: r["index"])] == [2, 2, 4, 4, 5]
+    output, summary = by_key[("sequential", 1, "every:2")]
+    assert [p["num_edits"] for p in summary["curve"]] == [2, 4, 5]
+    assert summary["curve"][0]["metrics"]["reliability"]["token_accuracy"]["n"] == 2
+    assert all(r["num_edits_applied"] == 5 for r in _records(output))
+
+
+def test_resume_extends_and_recovers_without_redoing_cases(dataset, tmp_path):
+    output = tmp_path / "run"
+    _run(_settings(dataset, n=3), output)
+    first = {r["index"]: r for r in _records(output)}
+    summary = _run(_settings(dataset, n=5), output)  # n may grow in single mode: cases 0-2 are kept as they were
+    records = {r["index"]: r for r in _records(output)}
+    assert sorted(records) == [0, 1, 2, 3, 4] and summary["num_completed"] == 5
+    assert all(records[i] == first[i] for i in range(3))
+    # an interruption: the last record lost and the line before cut in half
+    lines = (output / "results.jsonl").read_text().splitlines()
+    (output / "results.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:40])
+    summary = _run(_settings(dataset, n=5), output)
+    records = {r["index"]: r for r in _records(output)}
+    assert sorted(records) == [0, 1, 2, 3, 4] and summary["complete"]
+    assert all(records[i] == first[i] for i in range(3))
+
+
+def test_resume_sequential_immediate(dataset, tmp_path):
+    output = tmp_path / "seq"
+    settings = _settings(dataset, "sequential", 2, "immediate")
+    _run(settings, output)
+    complete = {r["index"]: r["post"] for r in _records(output)}
+    lines = (output / "results.jsonl").read_text().splitlines()
+    (output / "results.jsonl").write_text("\n".join(lines[:2]) + "\n")  # the first chunk survived
+    _run(settings, output)
+    records = {r["index"]: r for r in _records(output)}
+    assert sorted(records) == [0, 1, 2, 3, 4]
+    for index in range(5):  # the first edits are recomputed, so later chunks see the same model state
+        assert records[index]["post"]["scores"]["reliability"] == complete[index]["scores"]["reliability"]
+
+
+def test_refuses_to_mix_settings_unless_overwrite(dataset, tmp_path):
+    output = tmp_path / "run"
+    _run(_settings(dataset, n=2), output)
+    with pytest.raises(EvaluationSettingsError, match="other settings.*mode"):
+        _run(_settings(dataset, "batch", 2, n=2), output)
+    summary = _run(_settings(dataset, "batch", 2, n=2), output, overwrite=True)
+    assert summary["mode"] == "batch" and summary["num_completed"] == 2
+    sequential = _settings(dataset, "sequential", 1, n=2)
+    _run(sequential, tmp_path / "seq")
+    with pytest.raises(EvaluationSettingsError, match="n: 2 there, 3 now"):  # sequential state depends on n
+        _run(_settings(dataset, "sequential", 1, n=3), tmp_path / "seq")
+
+
+def test_bad_inputs(dataset, tmp_path):
+    with pytest.raises(DatasetSelectionError, match="holds only 5"):
+        _run(_settings(dataset, n=50), tmp_path / "a")
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text(json.dumps([{"question": "?", "label": 1}]))
+    with pytest.raises(DatasetFormatError):
+        _run(_settings(str(unknown), n=1), tmp_path / "b")
+    with pytest.raises(EvaluationSettingsError, match="every:K"):
+        _settings(dataset, schedule="sometimes")
+    with pytest.raises(EvaluationSettingsError, match="needs mode 'sequential'"):
+        _settings(dataset, "batch", 2, "every:2")
+    with pytest.raises(EditConfigError, match="no field 'steps'"):
+        build_config("ft", overrides={"steps": 3})
+    assert parse_overrides(["num_steps=3", "layers=[1]", "variant=ft_l"]) == {
+        "num_steps": 3, "layers": [1], "variant": "ft_l"}
+    assert build_config("ft", overrides={"variant": "ft_l"}).norm_constraint == 5e-4
+    assert mean_ci([1.0, 0.0])["ci95"] == pytest.approx([0.5 - 1.96 * 0.5, 0.5 + 1.96 * 0.5])
+
+
+def test_batch_scorer_matches_one_prompt_at_a_time():
+    model, tokenizer = tiny_model("gpt2"), tiny_tokenizer()
+    prompts = ["The capital of France is", "A", "Miles Davis plays the", "The capital of France is"]
+    targets = ["Paris", "long target with several tokens", "trumpet", "Paris"]
+    batched = BatchScorer(model, tokenizer, batch_size=8)
+    single = BatchScorer(model, tokenizer, batch_size=1)
+    for a, b in zip(batched.score_targets(prompts, targets), single.score_targets(prompts, targets)):
+        assert a.predicted_ids == b.predicted_ids and a.target_ids == b.target_ids
+        assert a.mean_log_prob == pytest.approx(b.mean_log_prob, abs=1e-4)
+    tokenizer.padding_side = "right"
+    assert batched.generate(prompts, [4, 2, 3, 4]) == single.generate(prompts, [4, 2, 3, 4])
+    assert tokenizer.padding_side == "right"  # restored after left-padded generation
+    assert batched.generate(prompts, 3)[0] == batched.generate(prompts[:1], 3)[0]
+    with torch.no_grad():
+        ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+        greedy = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    assert batched.generate(prompts[:1], 4)[0] == tokenizer.decode(greedy[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_cli_and_report(runs, dataset, tmp_path):
+    root, _ = runs
+    parser = argparse.ArgumentParser()
+    subparsers = parser.add_subparsers()
+    add_evaluate_parser(subparsers)
+    add_report_parser(subparsers)
+    args = parser.parse_args(["evaluate", "--method", "ft", "--dataset", dataset, "--output", str(tmp_path / "x"),
+                              "--set", "num_steps=2", "--n", "2", "--mode", "batch", "--batch-size", "2"])
+    assert args.func is not None and args.batch_size == 2 and args.overrides == ["num_steps=2"]
+    report_dir = tmp_path / "report"
+    files = write_report([root], report_dir)
+    names = sorted(p.name for p in files)
+    assert names == ["efficiency.png", "metrics_vs_edits_cases.png", "report.md"]
+    for path in files:
+        assert path.stat().st_size > 1000 if path.suffix == ".png" else path.stat().st_size > 0
+    text = (report_dir / "report.md").read_text()
+    assert "| Method | cases Rel. | cases Gen. | cases Loc. | cases Port. |" in text
+    assert "| FT-M |" in text and text.count("| FT-M | cases |") == 4
+    args = parser.parse_args(["report", str(root), "--output", str(tmp_path / "report2")])
+    assert args.func(args) == 0 and (tmp_path / "report2" / "report.md").is_file()
+    with pytest.raises(EvaluationSettingsError, match="not an evaluation run"):
+        write_report([tmp_path / "nothing"], tmp_path / "r3")
