@@ -163,13 +163,13 @@ def run_edit(args) -> int:
 
     model, tokenizer = _load_model(args.model, dtype=getattr(torch, args.dtype))
     prompts = [r.filled_prompt for r in requests]
-    before = [greedy_completion(model, tokenizer, p, args.max_new_tokens) for p in prompts]
+    before = greedy_completions(model, tokenizer, prompts, args.max_new_tokens)
 
     print(f"Editing {len(requests)} request(s) with {config.edit_type} ({type(config).__name__}) ...")
     start = time.perf_counter()
     edited = get_edited_model(model, config, requests, tokenizer=tokenizer, edit_name=args.edit_name)
     seconds = time.perf_counter() - start
-    after = [greedy_completion(edited, tokenizer, p, args.max_new_tokens) for p in prompts]
+    after = greedy_completions(edited, tokenizer, prompts, args.max_new_tokens)
 
     for request, old, new in zip(requests, before, after):
         print()
@@ -302,86 +302,56 @@ def _demo_counterfact_requests():
 
 
 def _demo_evaluation(model, tokenizer, requests) -> None:
-    """Edit `requests` in one batch and print reliability, generalization and locality, record by record.
+    """Edit `requests` in one batch and print their metrics, computed as `hf-knowedit evaluate` computes them.
 
-    A deliberately small computation for the demo (hf_knowedit.metrics holds the full evaluation):
-
-    - *reliability* (edit prompt) and *generalization* (rephrased prompt): the share of the new target's tokens that
-      are the model's top-1 prediction given the prompt and the target's previous tokens (teacher forcing, as in
-      EasyEdit), and whether the greedy completion starts with the new target;
-    - *locality*: the share of the locality prompt's top-1 predictions (teacher-forced on its answer) that the edit
-      left unchanged.
+    Reliability (edit prompt) and generalization (rephrased prompt) under two protocols: token accuracy (teacher
+    forcing, as in EasyEdit) and exact match (the greedy completion starts with the new target); locality: the share
+    of the locality prompt's teacher-forced top-1 predictions that the edit left unchanged.
     """
     from .edited_model import get_edited_model
+    from .evaluation.probes import score_cases
     from .methods.ft import FTConfig
+    from .scoring import BatchScorer
 
+    protocols = ("token_accuracy", "exact_match")
+    pre = score_cases(BatchScorer(model, tokenizer), requests, protocols=protocols, fluency_tokens=0)
     start = time.perf_counter()
     edited = get_edited_model(model, FTConfig(), requests, tokenizer=tokenizer)
     print(f"  batch edit of {len(requests)} requests with FTConfig(): {time.perf_counter() - start:.1f} s")
+    post = score_cases(BatchScorer(edited, tokenizer), requests, protocols=protocols, fluency_tokens=0,
+                       pre_raw=[case["raw"] for case in pre])
     print("  rel = reliability on the edit prompt, gen = generalization on the rephrased prompt, each as target token")
-    print("  accuracy (teacher-forced top-1) and [greedy completion starts with the target: y/n]; loc = share of the")
-    print("  locality prompt's top-1 predictions the edit left unchanged.")
+    print("  accuracy (teacher-forced top-1) and [exact match: the greedy completion starts with the target]; loc =")
+    print("  share of the locality prompt's top-1 predictions the edit left unchanged.")
     print(f"  {'case':>4}  {'subject':<24} {'target_new':<14} {'rel':>9} {'gen':>9} {'loc':>6}")
     rows = []
-    for r in requests:
-        rel = _target_token_accuracy(edited, tokenizer, r.filled_prompt, r.target_new)
-        rel_greedy = _starts_with(greedy_completion(edited, tokenizer, r.filled_prompt, 4), r.target_new)
-        gen, gen_greedy = float("nan"), None
-        if r.rephrase_prompts:
-            gen = _target_token_accuracy(edited, tokenizer, r.rephrase_prompts[0], r.target_new)
-            gen_greedy = _starts_with(greedy_completion(edited, tokenizer, r.rephrase_prompts[0], 4), r.target_new)
-        loc = float("nan")
-        if r.locality:
-            probe = r.locality[0]
-            answer = probe.answers[0] if probe.answers else greedy_completion(edited, tokenizer, probe.prompt, 1)
-            after = _top1_predictions(edited, tokenizer, probe.prompt, answer)
-            with edited.disable_edits():
-                before = _top1_predictions(edited, tokenizer, probe.prompt, answer)
-            loc = sum(a == b for a, b in zip(after, before)) / len(before)
-        rows.append((rel, rel_greedy, gen, gen_greedy, loc))
-        print(f"  {str(r.case_id):>4}  {r.subject[:24]:<24} {r.target_new[:14]:<14} {_cell(rel, rel_greedy):>9} "
-              f"{_cell(gen, gen_greedy):>9} {loc:>6.2f}")
-    means = [sum(col) / len(col) for col in zip(*[(a, c, e) for a, _, c, _, e in rows])]
-    rel_hits = sum(bool(row[1]) for row in rows)
-    gen_hits = sum(bool(row[3]) for row in rows)
-    print(f"  {'mean':>4}  {'':<24} {'':<14} {means[0]:>9.2f} {means[1]:>9.2f} {means[2]:>6.2f}")
-    print(f"  greedy completion starts with the target: {rel_hits}/{len(rows)} edit prompts, "
-          f"{gen_hits}/{len(rows)} rephrased prompts")
+    for request, case in zip(requests, post):
+        row = [_score(case, "reliability", "token_accuracy"), _score(case, "reliability", "exact_match"),
+               _score(case, "generalization", "token_accuracy"), _score(case, "generalization", "exact_match"),
+               _score(case, "locality_unchanged", "token_accuracy")]
+        rows.append(row)
+        print(f"  {str(request.case_id):>4}  {request.subject[:24]:<24} {request.target_new[:14]:<14} "
+              f"{_cell(row[0], row[1]):>9} {_cell(row[2], row[3]):>9} {row[4]:>6.2f}")
+    means = [_nanmean(column) for column in zip(*rows)]
+    print(f"  {'mean':>4}  {'':<24} {'':<14} {means[0]:>9.2f} {means[2]:>9.2f} {means[4]:>6.2f}")
+    print(f"  exact match (greedy completion starts with the target): {means[1]:.2f} on edit prompts, "
+          f"{means[3]:.2f} on rephrased prompts")
 
 
-def _top1_predictions(model, tokenizer, prompt: str, target: str) -> list[int]:
-    """The model's top-1 token at each position of `target` after `prompt`, teacher-forced."""
-    import torch
-
-    from .tokenization import encode_prompt_target
-
-    batch = encode_prompt_target(tokenizer, [prompt], [target], model=model)
-    with torch.no_grad():
-        logits = model(**batch.model_inputs()).logits
-    predicted = batch.target_logits(logits).argmax(-1)[0]
-    mask = batch.labels[0] != -100
-    return predicted[mask].tolist()
+def _score(case: dict, metric: str, protocol: str) -> float:
+    """A case's score for a metric and protocol; NaN when the case has no probe for it."""
+    return case["scores"].get(metric, {}).get(protocol, {}).get("score", float("nan"))
 
 
-def _target_token_accuracy(model, tokenizer, prompt: str, target: str) -> float:
-    from .tokenization import split_prompt_target
-
-    predicted = _top1_predictions(model, tokenizer, prompt, target)
-    if getattr(model.config, "is_encoder_decoder", False):
-        target_ids = list(tokenizer(target)["input_ids"])
-    else:
-        target_ids = split_prompt_target(tokenizer, prompt, target)[1]
-    return sum(p == t for p, t in zip(predicted, target_ids)) / len(target_ids)
+def _nanmean(values) -> float:
+    values = [v for v in values if v == v]
+    return sum(values) / len(values) if values else float("nan")
 
 
-def _starts_with(completion: str, target: str) -> bool:
-    return completion.strip().lower().startswith(target.strip().lower())
-
-
-def _cell(accuracy: float, greedy: bool | None) -> str:
+def _cell(accuracy: float, exact: float) -> str:
     if accuracy != accuracy:  # NaN: no such prompt
         return "-"
-    return f"{accuracy:.2f} [{'y' if greedy else 'n'}]"
+    return f"{accuracy:.2f} [{'y' if exact >= 1 else 'n'}]"
 
 
 def _step(number: int, title: str) -> None:
@@ -389,24 +359,16 @@ def _step(number: int, title: str) -> None:
 
 
 # -- shared helpers ----------------------------------------------------------------------------------------------------
+def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int = 8) -> list[str]:
+    """The greedy continuations of `prompts`, batched by the evaluation scorer."""
+    from .scoring import BatchScorer
+
+    return BatchScorer(model, tokenizer).generate(prompts, max_new_tokens)
+
+
 def greedy_completion(model, tokenizer, prompt: str, max_new_tokens: int = 8) -> str:
     """The greedy (deterministic) continuation of `prompt`, decoded without special tokens."""
-    import torch
-
-    inputs = tokenizer(prompt, return_tensors="pt")
-    device = model.get_input_embeddings().weight.device
-    inputs = {k: v.to(device) for k, v in inputs.items()}
-    with torch.no_grad():
-        output = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    if not getattr(model.config, "is_encoder_decoder", False):
-        output = output[:, inputs["input_ids"].shape[1] :]
-    return tokenizer.decode(output[0], skip_special_tokens=True)
+    return greedy_completions(model, tokenizer, [prompt], max_new_tokens)[0]
 
 
 def _load_model(name_or_path: str, dtype=None):
