@@ -1,16 +1,12 @@
-import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ...config import EditConfig
 from ...errors import EditConfigError
-
-
-TARGET_MODULES = ("mlp_out", "mlp_in_out")
+from ...training.gradient_editor import GradientEditorConfig
 
 
 @dataclass
-class KEConfig(EditConfig):
+class KEConfig(GradientEditorConfig):
     """KnowledgeEditor (KE; De Cao et al. 2021, "Editing Factual Knowledge in Language Models"): a hypernetwork reads
     the fact to write and predicts, from the gradient of the edit, a constrained update of each edited weight.
 
@@ -42,27 +38,11 @@ class KEConfig(EditConfig):
 
     edit_type: ClassVar[str] = "ke"
 
-    editor: str | None = field(default=None, metadata={"help": "Trained editor (path or repo id) or 'untrained'."})
-    target_modules: str = field(default="mlp_out", metadata={"help": f"One of {TARGET_MODULES}."})
     condition_size: int = field(default=128, metadata={"help": "LSTM hidden size per direction."})
     edit_scale: float = field(default=1.0, metadata={"help": "Largest step of the update."})
-    c_edit: float = field(default=0.1, metadata={"help": "Weight of the edit loss in training."})
-    c_loc: float = field(default=1.0, metadata={"help": "Weight of the locality loss in training."})
 
     def __post_init__(self):
         super().__post_init__()
-        if self.target_modules not in TARGET_MODULES:
-            raise EditConfigError(
-                f"KEConfig.target_modules must be one of {TARGET_MODULES}, got {self.target_modules!r}."
-            )
         if not isinstance(self.condition_size, int) or isinstance(self.condition_size, bool) or self.condition_size < 1:
             raise EditConfigError(f"KEConfig.condition_size must be a positive integer, got {self.condition_size!r}.")
-        for name in ("edit_scale", "c_edit", "c_loc"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise EditConfigError(f"KEConfig.{name} must be a finite non-negative number, got {value!r}.")
-        if self.editor is not None and (not isinstance(self.editor, str) or not self.editor.strip()):
-            raise EditConfigError(f"KEConfig.editor must be a path, a Hub repo id or 'untrained', got {self.editor!r}.")
-
-    def default_layers(self, layout):
-        return layout.default_layers(fraction=1.0, count=3)
+        self.check_non_negative("edit_scale")

@@ -1,38 +1,28 @@
 import torch
 
-from ...architectures import linear_shape
 from ...deltas import LowRankDelta
 from ...editor import BaseEditor
-from ...training import TrainableEditorSpec, load_editor_for
+from ...training import load_editor_for
+from ...training.gradient_editor import GradientEditorSpec
 from ...training.gradients import (
-    check_locality_available,
     edit_and_locality_losses,
     encode,
     layer_gradients,
-    mlp_module_paths,
 )
 from .config import KEConfig
 from .network import KEHypernetwork
 
 
-class KETrainingSpec(TrainableEditorSpec):
+class KETrainingSpec(GradientEditorSpec):
     """How KE's hypernetwork is trained: the update predicted for each fact of a batch is applied, then
     `c_edit · NLL(target_new | rephrase) + c_loc · KL(locality)` trains the hypernetwork."""
 
     config_class = KEConfig
-    default_learning_rate = 1e-4
-    default_batch_size = 8
-
-    def edited_module_paths(self) -> list[str]:
-        return mlp_module_paths(self.layout, self.config.resolve_layers(self.layout), self.config.target_modules)
 
     def build_trainable(self) -> KEHypernetwork:
-        shapes = [linear_shape(self.model.get_submodule(p)) for p in self.edited_module_paths()]
+        shapes = self.edited_shapes()
         embedding_size = self.model.get_input_embeddings().weight.shape[1]
         return KEHypernetwork(embedding_size, self.config.condition_size, shapes, self.config.edit_scale)
-
-    def check_training_requests(self, requests, batch_size):
-        check_locality_available(requests, batch_size)
 
     def fact_conditions(self, trainable: KEHypernetwork, requests) -> torch.Tensor:
         """The encoding `h` of each request's fact, `(batch, 2 · condition_size)`."""

@@ -1,16 +1,12 @@
-import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ...config import EditConfig
 from ...errors import EditConfigError
-
-
-TARGET_MODULES = ("mlp_out", "mlp_in_out")
+from ...training.gradient_editor import GradientEditorConfig
 
 
 @dataclass
-class MENDConfig(EditConfig):
+class MENDConfig(GradientEditorConfig):
     """MEND (Mitchell et al. 2022, "Fast Model Editing at Scale"): a trained network maps the fine-tuning gradient
     of an edit, in its rank-one factors `(u, δ)`, to the weight update of each edited layer.
 
@@ -40,34 +36,16 @@ class MENDConfig(EditConfig):
 
     edit_type: ClassVar[str] = "mend"
 
-    editor: str | None = field(default=None, metadata={"help": "Trained editor (path or repo id) or 'untrained'."})
-    target_modules: str = field(default="mlp_out", metadata={"help": f"One of {TARGET_MODULES}."})
     rank: int = field(default=1920, metadata={"help": "Rank of the editor network's hidden layers."})
     num_hidden: int = field(default=1, metadata={"help": "Hidden layers of the editor network."})
     edit_lr: float = field(default=1e-4, metadata={"help": "Initial per-layer step size of the update."})
     edit_lr_lr: float = field(default=1e-4, metadata={"help": "Learning rate of the step sizes in training."})
-    c_edit: float = field(default=0.1, metadata={"help": "Weight of the edit loss in training."})
-    c_loc: float = field(default=1.0, metadata={"help": "Weight of the locality loss in training."})
 
     def __post_init__(self):
         super().__post_init__()
-        if self.target_modules not in TARGET_MODULES:
-            raise EditConfigError(
-                f"MENDConfig.target_modules must be one of {TARGET_MODULES}, got {self.target_modules!r}."
-            )
         for name in ("rank", "num_hidden"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "rank" else 0):
                 raise EditConfigError(f"MENDConfig.{name} must be a {'positive' if name == 'rank' else 'non-negative'}"
                                       f" integer, got {value!r}.")
-        for name in ("edit_lr", "edit_lr_lr", "c_edit", "c_loc"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise EditConfigError(f"MENDConfig.{name} must be a finite non-negative number, got {value!r}.")
-        if self.editor is not None and (not isinstance(self.editor, str) or not self.editor.strip()):
-            raise EditConfigError(
-                f"MENDConfig.editor must be a path, a Hub repo id or 'untrained', got {self.editor!r}."
-            )
-
-    def default_layers(self, layout):
-        return layout.default_layers(fraction=1.0, count=3)
+        self.check_non_negative("edit_lr", "edit_lr_lr")

@@ -1,34 +1,27 @@
 import torch
 
-from ...architectures import linear_shape
 from ...deltas import LowRankDelta
 from ...editor import BaseEditor
-from ...training import TrainableEditorSpec, load_editor_for
+from ...training import load_editor_for
+from ...training.gradient_editor import GradientEditorSpec
 from ...training.gradients import (
-    check_locality_available,
     edit_and_locality_losses,
     encode,
     layer_gradients,
-    mlp_module_paths,
 )
 from .config import MENDConfig
 from .network import MENDEditorNetwork
 
 
-class MENDTrainingSpec(TrainableEditorSpec):
+class MENDTrainingSpec(GradientEditorSpec):
     """How MEND's editor network is trained (Mitchell et al. 2022, Algorithm 1): the update made from the edit
     prompts' gradient is applied, then `c_edit · NLL(target_new | rephrase) + c_loc · KL(locality)` trains the
     network and the step sizes."""
 
     config_class = MENDConfig
-    default_learning_rate = 1e-4
-    default_batch_size = 8
-
-    def edited_module_paths(self) -> list[str]:
-        return mlp_module_paths(self.layout, self.config.resolve_layers(self.layout), self.config.target_modules)
 
     def build_trainable(self) -> MENDEditorNetwork:
-        shapes = [linear_shape(self.model.get_submodule(p)) for p in self.edited_module_paths()]
+        shapes = self.edited_shapes()
         return MENDEditorNetwork(shapes, self.config.rank, self.config.num_hidden, self.config.edit_lr)
 
     def parameter_groups(self, trainable, learning_rate):
@@ -37,9 +30,6 @@ class MENDTrainingSpec(TrainableEditorSpec):
             {"params": network, "lr": learning_rate},
             {"params": [trainable.edit_lrs], "lr": self.config.edit_lr_lr},
         ]
-
-    def check_training_requests(self, requests, batch_size):
-        check_locality_available(requests, batch_size)
 
     def update_factors(self, trainable: MENDEditorNetwork, gradients) -> dict:
         """`{path: (up, down)}` of the update MEND makes from the layer gradients of an edit."""
