@@ -358,7 +358,7 @@ def run_evaluation(
         write_json(output_dir / SUMMARY_NAME, summary)
         return summary
 
-    def score_and_record(chunk_ids, chunk_no, edit_seconds, num_edits, restored=None):
+    def score_and_record(chunk_ids, chunk_no, edit_seconds, num_edits):
         start = time.perf_counter()
         results = score_cases(scorer, [by_index[i] for i in chunk_ids], protocols, settings.fluency_tokens,
                               pre_raw=[pre_records[i]["raw"] for i in chunk_ids])
@@ -377,9 +377,18 @@ def run_evaluation(
                 "edit_seconds": edit_seconds,
                 "eval_seconds": eval_seconds / len(chunk_ids),
                 "memory": peak_memory(),
-                **({"base_restored": restored} if restored is not None else {}),
             })
         return records
+
+    def commit(records):
+        """Append scored records to the JSONL and the running means, advance the bar, refresh the summary."""
+        append_jsonl(results_path, records)
+        for record in records:
+            done[record["index"]] = record
+            running.add(record)
+        bar.update(len(records))
+        bar.set_postfix(running.postfix())
+        write_summary()  # a partial summary (complete: false) survives an interruption
 
     if settings.mode in ("single", "batch"):
         for chunk_no, chunk in enumerate(chunks):
@@ -396,13 +405,7 @@ def run_evaluation(
             restored = _check_restored(scorer, by_index[chunk[0]], pre_records[chunk[0]])
             for record in records:
                 record["base_restored"] = restored
-            append_jsonl(results_path, records)
-            for record in records:
-                done[record["index"]] = record
-                running.add(record)
-            bar.update(len(chunk))
-            bar.set_postfix(running.postfix())
-            write_summary()  # a partial summary (complete: false) survives an interruption
+            commit(records)
     elif not all(i in done for i in indices):
         curve = read_jsonl(output_dir / CURVE_NAME)
         if curve and max(p["num_edits"] for p in curve) >= len(indices):
@@ -433,13 +436,7 @@ def run_evaluation(
                 continue
             if kind == "immediate":
                 records = score_and_record(chunk, chunk_no, edit_seconds, applied)
-                append_jsonl(results_path, records)
-                for record in records:
-                    done[record["index"]] = record
-                    running.add(record)
-                bar.update(len(chunk))
-                bar.set_postfix(running.postfix())
-                write_summary()
+                commit(records)
             elif kind == "every" and (applied >= next_checkpoint or applied == len(indices)):
                 while next_checkpoint <= applied:
                     next_checkpoint += every

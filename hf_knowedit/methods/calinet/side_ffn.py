@@ -32,6 +32,16 @@ def ffn_host_path(layout, layer: int) -> str:
     return f"{block}.{parent}" if parent else block
 
 
+def check_key_width(keys: torch.Tensor, edited_model, what: str) -> None:
+    """Raise :class:`ArtifactError` unless the `(n, d)` `keys` of a saved side module match the model's hidden size."""
+    expected = hidden_size(edited_model.base_model)
+    if keys.shape[1] != expected:
+        raise ArtifactError(
+            f"{what} has {keys.shape[1]}-dimensional keys, but the model's hidden size is {expected}: the edit was "
+            "made for another model."
+        )
+
+
 def hidden_size(model) -> int:
     config = model.config
     config = getattr(config, "text_config", None) or config
@@ -125,12 +135,7 @@ class SideFFN(EditComponent):
         return None
 
     def check_compatible(self, edited_model, path: str) -> None:
-        expected = hidden_size(edited_model.base_model)
-        if self.keys.shape[1] != expected:
-            raise ArtifactError(
-                f"The side FFN at {path} has {self.keys.shape[1]}-dimensional keys, but the model's hidden size is "
-                f"{expected}: the edit was made for another model."
-            )
+        check_key_width(self.keys, edited_model, f"The side FFN at {path}")
 
     @classmethod
     def from_state(cls, tensors, meta):

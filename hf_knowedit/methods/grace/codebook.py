@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from ...deltas import EditComponent, first_tensor, register_component, replace_first_tensor
-from ...errors import ArtifactError
-from ..calinet.side_ffn import hidden_size
+from ..calinet.side_ffn import check_key_width
 
 
 @register_component
@@ -93,12 +92,7 @@ class GraceCodebook(EditComponent):
         return {"labels": self.labels}
 
     def check_compatible(self, edited_model, path: str) -> None:
-        expected = hidden_size(edited_model.base_model)
-        if self.keys.shape[1] != expected:
-            raise ArtifactError(
-                f"The GRACE codebook at {path} has {self.keys.shape[1]}-dimensional keys, but the model's hidden size "
-                f"is {expected}: the edit was made for another model."
-            )
+        check_key_width(self.keys, edited_model, f"The GRACE codebook at {path}")
 
     @classmethod
     def from_state(cls, tensors, meta):
