@@ -567,9 +567,11 @@ class EditedModel(nn.Module):
 
     @contextlib.contextmanager
     def _editing_state(self):
-        """Freeze the base parameters and evaluation mode while an editor runs; restore both afterwards."""
+        """Freeze the base parameters and evaluation mode while an editor runs; restore both, and the parameters'
+        gradients as the caller left them, afterwards."""
         model = self.base_model
         flags = {name: p.requires_grad for name, p in model.named_parameters()}
+        grads = {name: p.grad for name, p in model.named_parameters()}
         training = model.training
         model.eval()
         for p in model.parameters():
@@ -581,7 +583,7 @@ class EditedModel(nn.Module):
             self._sync_hooks()
             for name, p in model.named_parameters():
                 p.requires_grad_(flags[name])
-                p.grad = None
+                p.grad = grads[name]
             model.train(training)
 
     @contextlib.contextmanager

@@ -92,6 +92,7 @@ class PromptTargetBatch:
     prompt_lengths: list[int]
     target_lengths: list[int]
     is_encoder_decoder: bool
+    decoder_input_ids: torch.Tensor | None = None  # encoder-decoder only: the target shifted right
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """Keyword arguments for the model's forward (labels excluded, so the model computes no loss itself)."""
@@ -100,15 +101,10 @@ class PromptTargetBatch:
             inputs["decoder_input_ids"] = self.decoder_input_ids
         return inputs
 
-    @property
-    def decoder_input_ids(self) -> torch.Tensor:
-        return self._decoder_input_ids
-
     def to(self, device) -> "PromptTargetBatch":
-        for name in ("input_ids", "attention_mask", "labels"):
-            setattr(self, name, getattr(self, name).to(device))
-        if self.is_encoder_decoder:
-            self._decoder_input_ids = self._decoder_input_ids.to(device)
+        for name in ("input_ids", "attention_mask", "labels", "decoder_input_ids"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device))
         return self
 
     def target_logits(self, logits: torch.Tensor) -> torch.Tensor:
@@ -168,6 +164,7 @@ def encode_prompt_target(
     input_ids = pad(rows, pad_id)
     attention_mask = pad([[1] * len(r) for r in rows], 0)
     labels = pad(label_rows, -100)
-    batch = PromptTargetBatch(input_ids, attention_mask, labels, prompt_lengths, target_lengths, is_encoder_decoder)
-    batch._decoder_input_ids = pad(decoder_rows, pad_id) if is_encoder_decoder else None
-    return batch
+    decoder_input_ids = pad(decoder_rows, pad_id) if is_encoder_decoder else None
+    return PromptTargetBatch(
+        input_ids, attention_mask, labels, prompt_lengths, target_lengths, is_encoder_decoder, decoder_input_ids
+    )

@@ -442,3 +442,17 @@ def test_add_edits_leaves_the_callers_config_alone():
     assert edited.get_edit().config is not config
     assert edited.get_edit().config.base_model_name_or_path is not None
 
+
+
+def test_edit_keeps_the_callers_gradients_and_grad_flags():
+    model = tiny_model("llama")
+    model.train()
+    model(**TOKENIZER("The capital of Atlantis is", return_tensors="pt"), labels=TOKENIZER(
+        "The capital of Atlantis is", return_tensors="pt")["input_ids"]).loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    assert grads
+    get_edited_model(model, fast_ft(), [REQUEST], tokenizer=TOKENIZER)
+    after = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert after.keys() == grads.keys()
+    assert all(torch.equal(after[name], grads[name]) for name in grads)
+    assert all(p.requires_grad for p in model.parameters()) and model.training
