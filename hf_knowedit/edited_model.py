@@ -15,7 +15,8 @@ from . import artifacts
 from .architectures import resolve_layout
 from .config import CONFIG_NAME, EditConfig, get_editor_class
 from .deltas import EditComponent, WeightDelta, first_tensor, merge_weight_delta
-from .errors import ArtifactError, EditConfigError, EditNotFoundError, EditRequestError
+from .devices import is_offloaded, materialized_weight
+from .errors import ArtifactError, EditConfigError, EditNotFoundError, EditRequestError, OffloadedWeightsError
 from .fingerprint import check_fingerprint, model_fingerprint
 from .hub import resolve_artifact_dir
 from .requests import EditRequest, as_requests
@@ -235,6 +236,7 @@ class EditedModel(nn.Module):
         if self._merged:
             return
         deltas = self._active_weight_deltas()
+        self._check_mergeable(deltas)
         for path, delta in deltas.items():
             module = self.base_model.get_submodule(path)
             self._originals.setdefault(path, module.weight.detach().clone())
@@ -258,10 +260,22 @@ class EditedModel(nn.Module):
                 f"The edits {sorted(set(side))} add side modules, which cannot be merged into weights. Keep the "
                 "EditedModel, or save the edit and load it where needed."
             )
+        deltas = self._active_weight_deltas()
+        self._check_mergeable(deltas)
         self.unmerge_edits()
-        for path, delta in self._active_weight_deltas().items():
+        for path, delta in deltas.items():
             merge_weight_delta(self.base_model.get_submodule(path), delta, self.layout.weights_transposed)
         return self._detach()
+
+    def _check_mergeable(self, paths) -> None:
+        offloaded = [path for path in paths if is_offloaded(self.base_model.get_submodule(path))]
+        if offloaded:
+            raise OffloadedWeightsError(
+                f"The edited modules {offloaded} are offloaded by accelerate (their weights live on CPU or disk and "
+                "are loaded for each forward pass), so the edit cannot be merged into them. The edit works unmerged, "
+                "through hooks; to merge, load the model with those layers on a device (a device_map without "
+                "'cpu'/'disk' offloading for them)."
+            )
 
     def unload(self) -> nn.Module:
         """Remove every edit and return the base model with its original weights, bit for bit."""
@@ -402,12 +416,16 @@ class EditedModel(nn.Module):
         for path in components:
             if path == MODEL_ROOT:  # a model-level component depends on the whole model: fingerprint a weight of it
                 first = self.layout.mlp_out_path(0)
-                tensors[f"{first}.weight"] = self._originals.get(first, self.base_model.get_submodule(first).weight)
+                original = self._originals.get(first)
+                tensors[f"{first}.weight"] = (
+                    original if original is not None else materialized_weight(self.base_model.get_submodule(first)))
                 continue
             module = self.base_model.get_submodule(path)
-            for name, param in module.named_parameters():
-                full = f"{path}.{name}"
-                tensors[full] = self._originals.get(path, param) if name == "weight" else param
+            for name, _ in module.named_parameters():
+                owner_path, _, leaf = name.rpartition(".")
+                value = self._originals.get(path) if name == "weight" else None
+                tensors[f"{path}.{name}"] = (
+                    value if value is not None else materialized_weight(module.get_submodule(owner_path), leaf))
         return tensors
 
     def _install(self, edit_name, config, requests, components, fingerprint) -> None:

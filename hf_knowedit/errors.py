@@ -40,6 +40,10 @@ class EditFailedError(KnowEditError, RuntimeError):
     """An editing method could not produce a valid update (NaN or Inf, singular system, ...); nothing was changed."""
 
 
+class OffloadedWeightsError(KnowEditError, RuntimeError):
+    """An operation must write a weight that accelerate has offloaded (to CPU memory or disk) and loads per forward."""
+
+
 class StatisticsError(KnowEditError, ValueError):
     """Second-moment statistics cannot be computed or used as asked."""
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .devices import input_device
 from .tokenization import encode_prompt_target
 
 
@@ -29,13 +30,6 @@ class TargetScore:
     predicted_ids: tuple[int, ...]
     target_ids: tuple[int, ...]
     mean_log_prob: float
-
-
-def _model_device(model) -> torch.device:
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embeddings is not None:
-        return embeddings.weight.device
-    return next(model.parameters()).device
 
 
 @contextlib.contextmanager
@@ -97,7 +91,7 @@ class BatchScorer:
             raise ValueError(f"Got {len(prompts)} prompts but {len(targets)} targets.")
         unique = list(dict.fromkeys(zip(prompts, targets)))
         results: dict[tuple[str, str], TargetScore] = {}
-        device = _model_device(self.model)
+        device = input_device(self.model)
         for indices in self._batches(unique, key=lambda pair: len(pair[0]) + len(pair[1])):
             pairs = [unique[i] for i in indices]
             batch = encode_prompt_target(self.tokenizer, [p for p, _ in pairs], [t for _, t in pairs],
@@ -127,7 +121,7 @@ class BatchScorer:
             raise ValueError(f"Got {len(prompts)} prompts but {len(limits)} max_new_tokens.")
         unique = list(dict.fromkeys(zip(prompts, limits)))
         results: dict[tuple[str, int], str] = {}
-        device = _model_device(self.model)
+        device = input_device(self.model)
         tokenizer = self.tokenizer
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         side = "right" if self.is_encoder_decoder else "left"

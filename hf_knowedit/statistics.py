@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from .architectures import linear_shape, resolve_layout
+from .devices import execution_device, input_device, materialized_weight
 from .errors import (
     ArtifactError,
     BaseModelMismatchError,
@@ -490,7 +491,7 @@ def _targets(model, layers, corpus: _Corpus, num_tokens: int, dtype_name: str, m
         layout.check_layer(layer, "layer")
         path = layout.mlp_out_path(layer)
         module = layout.mlp_out(model, layer)
-        fingerprint = model_fingerprint(model, {f"{path}.weight": module.weight})
+        fingerprint = model_fingerprint(model, {f"{path}.weight": materialized_weight(module)})
         model_sha = _sha256_json(
             {"identity": model_identity(model), "weight_sha256": fingerprint["tensors"][f"{path}.weight"]["sha256"]}
         )
@@ -520,13 +521,11 @@ def _accumulate(model, targets: list[_Target], sequences: list[list[int]], token
     rank, world = _distributed()
     local = sequences[rank::world]
     per_batch = max(1, batch_tokens // max(len(s) for s in sequences))
-    first_param = next(model.parameters())
-    embed = resolve_layout(model).input_embeddings(model)
-    device = getattr(getattr(embed, "weight", None), "device", first_param.device)
+    device = input_device(model)
     sums, counts = {}, {}
     for target in targets:
-        weight_device = target.module.weight.device
-        acc_device = weight_device if weight_device.type not in ("mps", "meta") else torch.device("cpu")
+        module_device = execution_device(target.module)
+        acc_device = module_device if module_device.type != "mps" else torch.device("cpu")
         sums[target.layer] = torch.zeros(target.d_k, target.d_k, dtype=dtype, device=acc_device)
         counts[target.layer] = 0
     deepest = max(t.layer for t in targets)
@@ -841,7 +840,8 @@ class LayerStatistics:
             )
         fingerprint = self.metadata.get("model_fingerprint")
         if fingerprint:
-            check_fingerprint(fingerprint, model, {f"{path}.weight": module.weight}, what=f"statistics of {path}")
+            tensors = {f"{path}.weight": materialized_weight(module)}
+            check_fingerprint(fingerprint, model, tensors, what=f"statistics of {path}")
 
     def check_nonsingular(self) -> None:
         """Raise [`SingularStatisticsError`] when the second moment is singular (fewer keys than `d_k`, features that

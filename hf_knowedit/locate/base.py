@@ -12,6 +12,7 @@ from typing import ClassVar
 import torch
 
 from ..config import EditConfig
+from ..devices import execution_device
 from ..editor import BaseEditor
 from ..errors import ArchitectureNotSupportedError, EditConfigError, EditRequestError
 from ..utils import get_logger
@@ -188,7 +189,6 @@ def check_consistent_requests(requests) -> None:
 
 def module_output(module, keys: torch.Tensor) -> torch.Tensor:
     """The module's output for keys `(N, d_k)`, in fp32, with the active and pending edits on it (its hooks run)."""
-    weight = module.weight
     with torch.no_grad():
-        out = module(keys.to(device=weight.device, dtype=weight.dtype))
+        out = module(keys.to(device=execution_device(module), dtype=module.weight.dtype))
     return (out[0] if isinstance(out, tuple) else out).float()

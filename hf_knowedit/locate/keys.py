@@ -10,6 +10,7 @@ import weakref
 
 import torch
 
+from ..devices import input_device
 from ..tokenization import subject_last_token_index
 from ..utils import get_logger
 
@@ -56,7 +57,7 @@ def context_prefixes(model, tokenizer, num_prefixes: int = 5, length: int = 10) 
         return list(cache[key])
     prefixes = [""]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     for word in PREFIX_START_WORDS[:num_prefixes]:
         encoded = tokenizer(word, return_tensors="pt").to(device)
         with torch.no_grad():
@@ -128,7 +129,7 @@ def compute_subject_keys(
     model, tokenizer, layout = edited_model.base_model, edited_model.tokenizer, edited_model.layout
     texts, spans, owners = prefixed_prompts(requests, prefixes)
     positions = subject_positions(tokenizer, texts, spans)
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     if site not in ("mlp_in", "block_out"):
         raise ValueError(f"site must be 'mlp_in' or 'block_out', got {site!r}.")
     module = layout.mlp_out(model, layer) if site == "mlp_in" else layout.blocks(model)[layer]

@@ -18,6 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..devices import input_device
 from ..errors import EditFailedError
 from ..tokenization import encode_prompt_target
 from ..utils import get_logger, tqdm
@@ -80,7 +81,7 @@ def optimize_target_values(edited_model, requests, layer: int, prefixes: list[st
 
 def _optimize_chunk(edited_model, requests, layer, prefixes, config, site):
     model, tokenizer, layout = edited_model.base_model, edited_model.tokenizer, edited_model.layout
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     num = len(requests)
 
     # Rewriting texts (prefix + prompt + target) and one KL text ("{subject} is a") per request.

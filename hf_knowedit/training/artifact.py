@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..config import EditConfig
+from ..devices import input_device
 from ..errors import ArtifactError, BaseModelMismatchError, EditConfigError
 from ..fingerprint import check_fingerprint, model_fingerprint
 from ..hub import atomic_directory, push_folder_to_hub, resolve_artifact_dir
@@ -115,7 +116,7 @@ class TrainedEditor:
             trainable.load_state_dict(self.state_dict, strict=True)
         except RuntimeError as error:
             raise ArtifactError(f"The {self.method} editor's weights do not fit its network: {error}") from error
-        device = model.get_input_embeddings().weight.device
+        device = input_device(model)
         return spec, trainable.to(device).eval()
 
     # -- save and load ---------------------------------------------------------------------------------------------
@@ -225,5 +226,5 @@ def load_editor_for(config: EditConfig, model: nn.Module, tokenizer):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             trainable = spec.build_trainable()
-        return spec, trainable.to(model.get_input_embeddings().weight.device).eval()
+        return spec, trainable.to(input_device(model)).eval()
     return TrainedEditor.from_pretrained(source).build(model, tokenizer, config)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..deltas import first_tensor, replace_first_tensor
+from ..devices import input_device
 from ..errors import EditRequestError
 from ..requests import EditRequest
 from ..tokenization import PromptTargetBatch, encode_prompt_target
@@ -52,12 +53,8 @@ def token_mask(batch: PromptTargetBatch) -> torch.Tensor:
     return batch.attention_mask.bool()
 
 
-def device_of(model: nn.Module) -> torch.device:
-    return model.get_input_embeddings().weight.device
-
-
 def encode(tokenizer, model, prompts: list[str], targets: list[str]) -> PromptTargetBatch:
-    return encode_prompt_target(tokenizer, prompts, targets, model=model).to(device_of(model))
+    return encode_prompt_target(tokenizer, prompts, targets, model=model).to(input_device(model))
 
 
 def layer_gradients(model: nn.Module, paths: list[str], batch: PromptTargetBatch) -> dict[str, LayerGradient]:

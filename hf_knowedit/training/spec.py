@@ -7,6 +7,7 @@ from torch import nn
 
 from ..architectures import resolve_layout
 from ..config import EditConfig
+from ..devices import materialized_weight
 from ..errors import EditConfigError
 from ..requests import EditRequest
 
@@ -62,7 +63,7 @@ class TrainableEditorSpec:
     def fingerprint_tensors(self) -> dict[str, torch.Tensor]:
         """The base tensors an editor artifact is tied to: the weights of the edited modules, else the embedding."""
         paths = self.edited_module_paths() or [self.layout.embed_path]
-        return {f"{path}.weight": self.model.get_submodule(path).weight for path in paths}
+        return {f"{path}.weight": materialized_weight(self.model.get_submodule(path)) for path in paths}
 
     def parameter_groups(self, trainable: nn.Module, learning_rate: float) -> list[dict]:
         """Optimizer parameter groups (override to give some parameters another learning rate)."""

@@ -1,5 +1,6 @@
 import torch
 
+from ...devices import input_device
 from ...editor import BaseEditor
 from ...errors import EditFailedError
 from ...tokenization import encode_prompt_target
@@ -26,7 +27,7 @@ class CaliNETEditor(BaseEditor):
         config = self.config
         model = edited_model.base_model
         layout = edited_model.layout
-        device = model.get_input_embeddings().weight.device
+        device = input_device(model)
         hidden = hidden_size(model)
         generator = torch.Generator().manual_seed(0)  # a fixed initialisation: the same edit gives the same slots
         slots = {}

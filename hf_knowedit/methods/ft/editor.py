@@ -1,6 +1,7 @@
 import torch
 
 from ...deltas import DenseDelta
+from ...devices import execution_device, input_device
 from ...editor import BaseEditor
 from ...errors import EditFailedError
 from ...tokenization import encode_prompt_target
@@ -37,7 +38,8 @@ class FTEditor(BaseEditor):
         deltas = {}
         for path in self.target_paths(edited_model):
             module = model.get_submodule(path)
-            deltas[path] = DenseDelta(torch.zeros(linear_shape(module), device=module.weight.device), trainable=True)
+            zeros = torch.zeros(linear_shape(module), device=execution_device(module))
+            deltas[path] = DenseDelta(zeros, trainable=True)
         # Tokenise everything first: a request too long for the model fails before any optimisation.
         chunks = [requests[i : i + config.batch_size] for i in range(0, len(requests), config.batch_size)]
         batches = [
@@ -45,7 +47,7 @@ class FTEditor(BaseEditor):
                                  [r.target_new for r in chunk], model=model)
             for chunk in chunks
         ]
-        device = model.get_input_embeddings().weight.device
+        device = input_device(model)
         batches = [b.to(device) for b in batches]
         params = [d.delta for d in deltas.values()]
         optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)

@@ -1,5 +1,6 @@
 import torch
 
+from ...devices import input_device
 from ...editor import BaseEditor
 from ...errors import EditFailedError
 from ...tokenization import encode_prompt_target
@@ -28,7 +29,7 @@ class GRACEEditor(BaseEditor):
         model = edited_model.base_model
         layout = edited_model.layout
         path = layout.block_path(config.resolve_layers(layout)[0])
-        device = model.get_input_embeddings().weight.device
+        device = input_device(model)
         codebook = GraceCodebook.empty(hidden_size(model)).to(device)
         actions, losses = [], []
         with codebooks_bypassed(edited_model, path):

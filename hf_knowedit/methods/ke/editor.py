@@ -1,6 +1,7 @@
 import torch
 
 from ...deltas import LowRankDelta
+from ...devices import execution_device
 from ...editor import BaseEditor
 from ...training import load_editor_for
 from ...training.gradient_editor import GradientEditorSpec
@@ -34,7 +35,7 @@ class KETrainingSpec(GradientEditorSpec):
             padded[row, : len(token_ids)] = torch.tensor(token_ids)
         embedding = self.model.get_input_embeddings()
         with torch.no_grad():
-            embeddings = embedding(padded.to(embedding.weight.device)).float()
+            embeddings = embedding(padded.to(execution_device(embedding))).float()
         return trainable.encoder(embeddings, lengths)
 
     def update_factors(self, trainable: KEHypernetwork, requests, gradients) -> dict:

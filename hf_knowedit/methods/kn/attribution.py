@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ...deltas import first_tensor
+from ...devices import input_device
 from ...tokenization import encode_prompt_target
 
 
@@ -27,7 +28,7 @@ class PromptProbe:
 def prompt_probe(model, tokenizer, prompt: str, target: str) -> tuple[PromptProbe, int]:
     """The probe of `prompt` and the first token id of `target` after it."""
     batch = encode_prompt_target(tokenizer, [prompt], [target], model=model)
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     if batch.is_encoder_decoder:
         inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
                   "decoder_input_ids": batch.decoder_input_ids[:, :1]}

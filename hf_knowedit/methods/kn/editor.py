@@ -2,6 +2,7 @@ import torch
 
 from ...architectures import linear_shape, weight_as_out_in
 from ...deltas import SparseDelta
+from ...devices import execution_device, materialized_weight
 from ...editor import BaseEditor
 from ...errors import EditFailedError
 from .attribution import integrated_gradients, neuron_activations, prompt_probe, select_neurons, top_prediction
@@ -23,7 +24,7 @@ class KNEditor(BaseEditor):
         model, tokenizer, layout = edited_model.base_model, edited_model.tokenizer, edited_model.layout
         layers = config.resolve_layers(layout)
         modules = {layer: layout.mlp_out(model, layer) for layer in layers}
-        output_embedding = layout.lm_head(model).weight.detach().float()
+        output_embedding = materialized_weight(layout.lm_head(model)).detach().float()
         columns: dict[int, dict[int, torch.Tensor]] = {layer: {} for layer in layers}
         all_neurons = []
         for request in requests:
@@ -53,7 +54,7 @@ class KNEditor(BaseEditor):
                 if config.mode == "erase":
                     value = -weight_as_out_in(modules[layer])[:, index].detach().float()
                 else:
-                    value = direction.to(modules[layer].weight.device)
+                    value = direction.to(execution_device(modules[layer]))
                 columns[layer][index] = columns[layer].get(index, 0) + value
             all_neurons.extend(neurons)
         components = {}

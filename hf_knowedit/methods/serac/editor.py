@@ -1,5 +1,6 @@
 import torch
 
+from ...devices import input_device, materialized_weight
 from ...edited_model import MODEL_ROOT
 from ...editor import BaseEditor
 from ...errors import EditRequestError
@@ -35,7 +36,7 @@ class SERACTrainingSpec(TrainableEditorSpec):
 
     def fingerprint_tensors(self):
         paths = [self.layout.embed_path, self.layout.mlp_out_path(min(self.feature_layer, self.layout.num_layers - 1))]
-        return {f"{path}.weight": self.model.get_submodule(path).weight for path in paths}
+        return {f"{path}.weight": materialized_weight(self.model.get_submodule(path)) for path in paths}
 
     def build_trainable(self) -> ScopeClassifier:
         return ScopeClassifier(hidden_size(self.model), self.config.init_threshold, self.config.init_scale)
@@ -47,7 +48,7 @@ class SERACTrainingSpec(TrainableEditorSpec):
         if missing:
             features = pooled_features(self.model, self.tokenizer, self.layout, self.feature_layer, missing)
             computed = dict(zip(missing, features, strict=True))
-        device = self.model.get_input_embeddings().weight.device
+        device = input_device(self.model)
         result = torch.stack([computed[t] if t in computed else self._cache[t].to(device) for t in texts])
         if len(self._cache) + len(computed) > MAX_CACHED_FEATURES:
             self._cache.clear()

@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from ...devices import input_device
+
 
 class _FeaturesReady(Exception):
     """Raised by the hook on the feature block to stop the forward pass there."""
@@ -41,7 +43,7 @@ def pooled_features(model, tokenizer, layout, layer: int, texts: list[str]) -> t
     rows = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     width = max(1, max((len(r) for r in rows), default=1))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))

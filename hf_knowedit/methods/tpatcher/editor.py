@@ -1,5 +1,6 @@
 import torch
 
+from ...devices import input_device
 from ...editor import BaseEditor
 from ...errors import EditFailedError
 from ...tokenization import encode_prompt_target
@@ -44,7 +45,7 @@ class TPatcherEditor(BaseEditor):
         model = edited_model.base_model
         layout = edited_model.layout
         path = ffn_host_path(layout, config.resolve_layers(layout)[0])
-        device = model.get_input_embeddings().weight.device
+        device = input_device(model)
         tokenizer = edited_model.tokenizer
         memory_prompts = list(config.memory_prompts if config.memory_prompts is not None else GENERIC_MEMORY_PROMPTS)
         memory_prompts += [p.prompt for r in requests for p in r.locality]
