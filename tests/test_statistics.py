@@ -1,9 +1,7 @@
 """Second-moment statistics: exact values, corpora, caching, sharing, model checks, AlphaEdit's projector, processes."""
 
 import logging
-import os
 import random
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -25,6 +23,7 @@ from hf_knowedit.statistics import (
     resolve_corpus,
 )
 
+from .launchers import LAUNCHERS, launch
 from .tiny_models import DECODER_ARCHITECTURES, INTERMEDIATE_SIZE, tiny_model, tiny_tokenizer
 
 
@@ -444,14 +443,11 @@ DISTRIBUTED_SCRIPT = textwrap.dedent(
 )
 
 
-def test_two_processes_equal_one(gpt2, tmp_path):
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_processes_equal_one(gpt2, tmp_path, launcher):
     script = tmp_path / "stats_distributed.py"
     script.write_text(DISTRIBUTED_SCRIPT, encoding="utf-8")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-               str(tmp_path / "out"), str(tmp_path / "dist-cache")]
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    launch(launcher, script, tmp_path / "out", tmp_path / "dist-cache")
     # Only the main process wrote the cache: one entry per layer.
     assert len(list((tmp_path / "dist-cache").rglob("statistics.safetensors"))) == 2
     for layer in (1, 2):

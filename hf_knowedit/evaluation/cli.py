@@ -13,7 +13,9 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
         help="Evaluate an editing method on a dataset (single, batch or sequential editing).",
         description="Score the untouched model, edit it case by case, in batches or sequentially, score it again, "
         "and write per-case records (results.jsonl) and a summary (summary.json) into --output. A run into a "
-        "directory that holds an interrupted run with the same settings resumes it.",
+        "directory that holds an interrupted run with the same settings resumes it. Under `accelerate launch "
+        "--multi_gpu --num_processes N` (or torchrun) the cases are split between the processes and the main process "
+        "writes the output.",
     )
     parser.add_argument("--method", default=None, help="Registered method name, e.g. 'ft' (default: the config's).")
     parser.add_argument("--config", default=None, help="JSON file (or artifact folder) with the method's config.")
@@ -43,6 +45,7 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_evaluate_command(args) -> int:
     from ..config import build_config
+    from ..statistics import _distributed
     from ..utils import parse_overrides
     from .harness import EvaluationSettings, run_evaluation
 
@@ -66,8 +69,11 @@ def run_evaluate_command(args) -> int:
     )
     summary = run_evaluation(settings, args.output, overwrite=args.overwrite,
                              scorer_batch_size=args.scorer_batch_size)
+    if _distributed()[0] != 0:
+        return 0  # the main process reports
+    processes = f", {summary['world_size']} processes" if summary["world_size"] > 1 else ""
     print(f"{summary['method_label']} on {summary['dataset_name']} ({summary['mode']}, batch {summary['batch_size']}, "
-          f"schedule {summary['eval_schedule']}): {summary['num_completed']}/{summary['num_cases']} cases")
+          f"schedule {summary['eval_schedule']}{processes}): {summary['num_completed']}/{summary['num_cases']} cases")
     for metric, by_protocol in summary["metrics"]["post"].items():
         for protocol, stats in by_protocol.items():
             if stats["mean"] is None:

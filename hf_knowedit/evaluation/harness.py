@@ -23,6 +23,26 @@ Modes:
 Resuming: in `single` and `batch` modes the chunks whose cases all have records are skipped. In `sequential` mode the
 edits of the cases already scored (`immediate`) or of the last checkpoint (`every:K`) are recomputed without being
 scored again, to rebuild the model's state; a `final` run has nothing to resume but its pre-edit scores.
+
+Several processes (`accelerate launch --multi_gpu --num_processes N`, `torchrun --nproc_per_node N`): the harness
+joins the process group through accelerate's `PartialState` (NCCL on one GPU per process, gloo on CPU-only machines)
+and splits the work; the output is that of a one-process run, written by the main process only (per-case scores are
+equal; seconds and memory are those of the process that did the work, named by each record's `rank`; `summary.json`
+records `world_size`).
+
+- Pre-edit scores: the chunks of `scorer_batch_size` cases are dealt round-robin to the processes.
+- `single` and `batch`: the chunks are independent and each is seeded by its number, so they are dealt round-robin
+  too; after every round of `world_size` chunks the records are gathered and the main process appends them in case
+  order. Resuming skips the same finished chunks on every process (the main process reads the files and broadcasts
+  them), whatever the number of processes of the interrupted run.
+- `sequential`: the edits accumulate in order and cannot be split, so every process applies all of them, with the
+  same seeds (the processes hold the same edited model); the scoring of the cases edited so far is dealt out in
+  chunks of `scorer_batch_size` cases. The edits take as long as on one process and the scoring is split: use few
+  processes for long sequential runs, or none.
+
+A model passed to [`run_evaluation`] stays where it is; one the harness loads goes to the process's GPU under several
+processes. A failure on any process raises on all (an `EvaluationProcessError` on the others), so none is left waiting.
+Progress bars are shown by the main process only.
 """
 
 import json
@@ -44,6 +64,7 @@ from ..edited_model import EditedModel
 from ..errors import KnowEditError
 from ..metrics import FLUENCY_PROTOCOL, PROTOCOLS
 from ..scoring import BatchScorer
+from ..statistics import _distributed
 from ..utils import get_logger, tqdm, write_json
 from ..version import __version__
 from .probes import METRICS, score_cases
@@ -64,6 +85,10 @@ RESTORE_TOLERANCE = 1e-4
 
 class EvaluationSettingsError(KnowEditError, ValueError):
     """Evaluation settings are invalid, or differ from those of the run already in the output directory."""
+
+
+class EvaluationProcessError(KnowEditError, RuntimeError):
+    """Another process of a run over several processes failed; its error is named here and shown in its own output."""
 
 
 def parse_schedule(schedule: str) -> tuple[str, int | None]:
@@ -218,6 +243,87 @@ def _rewrite_jsonl(path: Path, records: list[dict]) -> None:
     tmp.replace(path)
 
 
+# -- processes -----------------------------------------------------------------------------------------------------
+def _join_process_group() -> None:
+    """Under a launcher (`accelerate launch`, `torchrun`, `mpirun`), join its process group through accelerate's
+    `PartialState`: NCCL on this process's GPU, or gloo where there is no GPU (or `accelerate launch --cpu`)."""
+    import torch.distributed as dist
+    from accelerate.utils import get_int_from_env, parse_flag_from_env
+
+    launched = get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1) > 1
+    if launched and dist.is_available() and not dist.is_initialized():
+        from accelerate import PartialState
+
+        PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+class _Processes:
+    """The processes of a run (one, or those of torch.distributed) and the few collectives the harness needs.
+
+    With one process every collective is the identity. Errors never leave a process waiting: work is done inside
+    :meth:`rounds` and :meth:`on_main`, which share each process's failure with the others before raising.
+    """
+
+    def __init__(self):
+        _join_process_group()
+        self.rank, self.world_size = _distributed()
+        self.is_main = self.rank == 0
+
+    def progress_bar(self, **kwargs):
+        return tqdm(**kwargs) if self.is_main else tqdm(disable=True, **kwargs)
+
+    def _all_gather(self, obj) -> list:
+        if self.world_size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def _raise_failures(self, failures: list[tuple[int, str]], own: BaseException | None) -> None:
+        if own is not None:
+            raise own
+        if failures:
+            rank, failure = failures[0]
+            raise EvaluationProcessError(
+                f"Process {rank} of {self.world_size} failed ({failure}), so this process stopped too; the full error "
+                "is in that process's output."
+            )
+
+    def rounds(self, items: list, fn):
+        """Apply `fn` to `items`, item `i` on process `i % world_size`; yield `(round_items, results)` per round of
+        `world_size` items, on every process, the results in the order of `round_items`."""
+        for start in range(0, len(items), self.world_size):
+            batch = items[start : start + self.world_size]
+            result, own, failure = None, None, None
+            if self.rank < len(batch):
+                try:
+                    result = fn(batch[self.rank])
+                except Exception as error:
+                    own, failure = error, f"{type(error).__name__}: {error}"
+            gathered = self._all_gather((result, failure))
+            self._raise_failures([(rank, f) for rank, (_, f) in enumerate(gathered) if f is not None], own)
+            yield batch, [r for r, _ in gathered[: len(batch)]]
+
+    def on_main(self, fn):
+        """`fn()` run by the main process only; its result is returned (its error raised) on every process."""
+        result, own, failure = None, None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except Exception as error:
+                own, failure = error, f"{type(error).__name__}: {error}"
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            box = [(result, failure)]
+            dist.broadcast_object_list(box, src=0)
+            result, failure = box[0]
+        self._raise_failures([(0, failure)] if failure is not None else [], own)
+        return result
+
+
 # -- the run -------------------------------------------------------------------------------------------------------
 def _prepare_output(output_dir: Path, settings: EvaluationSettings, overwrite: bool) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -267,7 +373,9 @@ def run_evaluation(
     """Run (or resume) the evaluation described by `settings` into `output_dir`; return the summary.
 
     `model` and `tokenizer` default to `load_model_and_tokenizer(settings.model)`; pass them to evaluate a model held
-    in memory (`settings.model` is then only its name in the records).
+    in memory (`settings.model` is then only its name in the records). Under several processes (`accelerate launch`,
+    `torchrun`) the work is split between them and the main process writes the output; every process returns the
+    summary.
 
     Example:
 
@@ -281,13 +389,14 @@ def run_evaluation(
     >>> settings = EvaluationSettings(method="ft", config={"num_steps": 2}, model="tiny-gpt2", dataset=path,
     ...                               fluency_tokens=0)
     >>> summary = run_evaluation(settings, tempfile.mkdtemp(), model=tiny_model("gpt2"), tokenizer=tiny_tokenizer())
-    >>> summary["num_completed"]
-    1
+    >>> summary["num_completed"], summary["world_size"]
+    (1, 1)
 
     ```
     """
     from ..modeling import load_model_and_tokenizer, prepare_tokenizer
 
+    processes = _Processes()
     output_dir = Path(output_dir)
     config = build_config(settings.method, settings.config)
     settings.config = config.to_dict()
@@ -298,10 +407,12 @@ def run_evaluation(
     if not Path(settings.dataset).exists():
         raise EvaluationSettingsError(f"The dataset file {settings.dataset!r} does not exist.")
     requests = load_edit_dataset(settings.dataset, n=settings.n, offset=settings.offset)
-    _prepare_output(output_dir, settings, overwrite)
+    processes.on_main(lambda: _prepare_output(output_dir, settings, overwrite))
     if model is None:
         model, loaded_tokenizer = load_model_and_tokenizer(settings.model)
         tokenizer = tokenizer or loaded_tokenizer
+        if processes.world_size > 1 and torch.cuda.is_available():
+            model.to(torch.device("cuda", torch.cuda.current_device()))  # the GPU accelerate gave this process
     if tokenizer is None:
         raise EvaluationSettingsError("Pass the model's tokenizer along with the model.")
     prepare_tokenizer(tokenizer)
@@ -316,6 +427,7 @@ def run_evaluation(
     edited.tokenizer = tokenizer
     edited.eval()
     scorer = BatchScorer(edited, tokenizer, batch_size=scorer_batch_size)
+    score_size = max(scorer_batch_size, 1)
     indices = [settings.offset + i for i in range(len(requests))]
     by_index = dict(zip(indices, requests))
     protocols = tuple(settings.protocols)
@@ -323,26 +435,30 @@ def run_evaluation(
 
     # 1. The untouched model.
     pre_path = output_dir / PRE_NAME
-    pre_records = {r["index"]: r for r in read_jsonl(pre_path)}
-    _rewrite_jsonl(pre_path, list(pre_records.values()))
+    pre_records = processes.on_main(lambda: _read_and_rewrite(pre_path))
     missing = [i for i in indices if i not in pre_records]
     if missing:
-        bar = tqdm(total=len(missing), desc="pre-edit scores", leave=False)
-        for chunk in _chunks(missing, max(scorer_batch_size, 1)):
+        bar = processes.progress_bar(total=len(missing), desc="pre-edit scores", leave=False)
+
+        def score_untouched(chunk):
             results = score_cases(scorer, [by_index[i] for i in chunk], protocols, settings.fluency_tokens)
-            new = [{"index": i, "case_id": by_index[i].case_id, **r} for i, r in zip(chunk, results)]
-            append_jsonl(pre_path, new)
-            pre_records.update({r["index"]: r for r in new})
-            bar.update(len(chunk))
+            return [{"index": i, "case_id": by_index[i].case_id, **r} for i, r in zip(chunk, results)]
+
+        for _, results in processes.rounds(_chunks(missing, score_size), score_untouched):
+            for new in results:
+                if processes.is_main:
+                    append_jsonl(pre_path, new)
+                pre_records.update({r["index"]: r for r in new})
+                bar.update(len(new))
         bar.close()
 
     # 2. The edits.
     results_path = output_dir / RESULTS_NAME
-    done = {r["index"]: r for r in read_jsonl(results_path)}
-    _rewrite_jsonl(results_path, list(done.values()))
+    curve_path = output_dir / CURVE_NAME
+    done = processes.on_main(lambda: _read_and_rewrite(results_path))
     chunks = _chunks(indices, settings.batch_size if settings.mode != "single" else 1)
     kind, every = parse_schedule(settings.eval_schedule)
-    bar = tqdm(total=len(indices), desc=f"{settings.label} {settings.mode}", unit="case")
+    bar = processes.progress_bar(total=len(indices), desc=f"{settings.label} {settings.mode}", unit="case")
     running = _RunningMeans(protocols[0])
     for record in done.values():
         if record["index"] in by_index:
@@ -353,8 +469,8 @@ def run_evaluation(
 
     def write_summary() -> dict:
         summary = summarize([done[i] for i in indices if i in done], settings,
-                            wall_seconds=time.perf_counter() - start_wall, curve=read_jsonl(output_dir / CURVE_NAME),
-                            environment=environment, num_cases=len(indices))
+                            wall_seconds=time.perf_counter() - start_wall, curve=read_jsonl(curve_path),
+                            environment=environment, num_cases=len(indices), world_size=processes.world_size)
         write_json(output_dir / SUMMARY_NAME, summary)
         return summary
 
@@ -377,7 +493,18 @@ def run_evaluation(
                 "edit_seconds": edit_seconds,
                 "eval_seconds": eval_seconds / len(chunk_ids),
                 "memory": peak_memory(),
+                "rank": processes.rank,
             })
+        return records
+
+    def score_shared(case_ids, chunk_no, edit_seconds, num_edits):
+        """Score cases of a model every process holds, in chunks of `scorer_batch_size` dealt to the processes."""
+        records = []
+        for _, results in processes.rounds(_chunks(case_ids, score_size),
+                                           lambda unit: score_and_record(unit, chunk_no, edit_seconds, num_edits)):
+            records.extend(record for unit_records in results for record in unit_records)
+        for record in records:
+            record["chunk_indices"] = case_ids
         return records
 
     def commit(records):
@@ -390,27 +517,31 @@ def run_evaluation(
         bar.set_postfix(running.postfix())
         write_summary()  # a partial summary (complete: false) survives an interruption
 
+    def edit_and_score(item):
+        """One chunk of `single` or `batch` mode: edit the untouched model, score, remove the edit, check."""
+        chunk_no, chunk = item
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        _seed(settings.seed + chunk_no)
+        start = time.perf_counter()
+        edited.add_edits(config, [by_index[i] for i in chunk], edit_name=EDIT_NAME)
+        edit_seconds = (time.perf_counter() - start) / len(chunk)
+        records = score_and_record(chunk, chunk_no, edit_seconds, len(chunk))
+        edited.delete_edit(EDIT_NAME)
+        restored = _check_restored(scorer, by_index[chunk[0]], pre_records[chunk[0]])
+        for record in records:
+            record["base_restored"] = restored
+        return records
+
     if settings.mode in ("single", "batch"):
-        for chunk_no, chunk in enumerate(chunks):
-            if all(i in done and done[i].get("chunk_indices") == chunk for i in chunk):
-                continue
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-            _seed(settings.seed + chunk_no)
-            start = time.perf_counter()
-            edited.add_edits(config, [by_index[i] for i in chunk], edit_name=EDIT_NAME)
-            edit_seconds = (time.perf_counter() - start) / len(chunk)
-            records = score_and_record(chunk, chunk_no, edit_seconds, len(chunk))
-            edited.delete_edit(EDIT_NAME)
-            restored = _check_restored(scorer, by_index[chunk[0]], pre_records[chunk[0]])
-            for record in records:
-                record["base_restored"] = restored
-            commit(records)
+        todo = [(chunk_no, chunk) for chunk_no, chunk in enumerate(chunks)
+                if not all(i in done and done[i].get("chunk_indices") == chunk for i in chunk)]
+        for _, results in processes.rounds(todo, edit_and_score):
+            if processes.is_main:
+                for records in results:
+                    commit(records)
     elif not all(i in done for i in indices):
-        curve = read_jsonl(output_dir / CURVE_NAME)
-        if curve and max(p["num_edits"] for p in curve) >= len(indices):
-            curve = [p for p in curve if p["num_edits"] < len(indices)]  # its records were not all written
-        _rewrite_jsonl(output_dir / CURVE_NAME, curve)
+        curve = processes.on_main(lambda: _trim_curve(curve_path, len(indices)))
         resume_edits = 0  # edits whose scores are recorded: recomputed to rebuild the state, not scored again
         if kind == "immediate":
             for chunk in chunks:
@@ -435,31 +566,51 @@ def run_evaluation(
             if applied <= resume_edits:
                 continue
             if kind == "immediate":
-                records = score_and_record(chunk, chunk_no, edit_seconds, applied)
-                commit(records)
+                records = score_shared(chunk, chunk_no, edit_seconds, applied)
+                if processes.is_main:
+                    commit(records)
             elif kind == "every" and (applied >= next_checkpoint or applied == len(indices)):
                 while next_checkpoint <= applied:
                     next_checkpoint += every
-                point = score_and_record(indices[:applied], chunk_no, None, applied)
-                append_jsonl(output_dir / CURVE_NAME, [_curve_point(applied, point, protocols)])
-                bar.update(applied - bar.n)
-                write_summary()
+                point = score_shared(indices[:applied], chunk_no, None, applied)
+                if processes.is_main:
+                    append_jsonl(curve_path, [_curve_point(applied, point, protocols)])
+                    bar.update(applied - bar.n)
+                    write_summary()
                 if applied == len(indices):
                     for record in point:
                         record["edit_seconds"] = edit_times[record["index"]]
-                    append_jsonl(results_path, point)
+                    if processes.is_main:
+                        append_jsonl(results_path, point)
                     done.update({r["index"]: r for r in point})
         if kind == "final":
-            records = score_and_record(indices, len(chunks) - 1, None, applied)
+            records = score_shared(indices, len(chunks) - 1, None, applied)
             for record in records:
                 record["edit_seconds"] = edit_times[record["index"]]
-            append_jsonl(results_path, records)
+            if processes.is_main:
+                append_jsonl(results_path, records)
             done.update({r["index"]: r for r in records})
             bar.update(len(indices) - bar.n)
         edited.delete_edit(EDIT_NAME)
     bar.close()
 
-    return write_summary()
+    return processes.on_main(write_summary)
+
+
+def _read_and_rewrite(path: Path) -> dict[int, dict]:
+    """The records of a JSONL file by case index; the file is rewritten without a line cut short."""
+    records = {r["index"]: r for r in read_jsonl(path)}
+    _rewrite_jsonl(path, list(records.values()))
+    return records
+
+
+def _trim_curve(path: Path, num_cases: int) -> list[dict]:
+    """The points of a sequential run's curve; a last point whose records were not all written is dropped."""
+    curve = read_jsonl(path)
+    if curve and max(p["num_edits"] for p in curve) >= num_cases:
+        curve = [p for p in curve if p["num_edits"] < num_cases]
+    _rewrite_jsonl(path, curve)
+    return curve
 
 
 def _check_restored(scorer, request, pre_record) -> bool:
@@ -528,8 +679,12 @@ def mean_ci(values: list[float]) -> dict:
 
 
 def summarize(records: list[dict], settings: EvaluationSettings, wall_seconds: float | None = None,
-              curve: list[dict] | None = None, environment: dict | None = None, num_cases: int | None = None) -> dict:
-    """The summary of a run's per-case records: means with 95% CIs per metric and protocol, skips, efficiency."""
+              curve: list[dict] | None = None, environment: dict | None = None, num_cases: int | None = None,
+              world_size: int = 1) -> dict:
+    """The summary of a run's per-case records: means with 95% CIs per metric and protocol, skips, efficiency.
+
+    `world_size` is the number of processes of this session.
+    """
     protocols = tuple(settings.protocols)
     skip_reasons: dict[str, dict[str, int]] = {}
     for record in records:
@@ -549,6 +704,7 @@ def summarize(records: list[dict], settings: EvaluationSettings, wall_seconds: f
         "eval_schedule": settings.eval_schedule,
         "protocols": list(protocols),
         "seed": settings.seed,
+        "world_size": world_size,
         "num_cases": num_cases if num_cases is not None else len(records),
         "num_completed": len(records),
         "complete": num_cases is None or len(records) == num_cases,
@@ -579,6 +735,7 @@ def load_summary(output_dir: str | os.PathLike) -> dict:
 
 
 __all__ = [
+    "EvaluationProcessError",
     "EvaluationSettings",
     "EvaluationSettingsError",
     "load_summary",

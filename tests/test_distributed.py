@@ -1,0 +1,172 @@
+"""Two processes under `accelerate launch` (gloo, CPU): the evaluation harness and editor training.
+
+The second-moment statistics under both launchers are tested in `test_statistics.py`
+(`test_two_processes_equal_one`).
+"""
+
+import json
+import textwrap
+
+import torch
+from safetensors.torch import load_file
+
+from hf_knowedit.cli import main
+
+from .launchers import launch
+from .test_evaluation import CASES
+from .tiny_models import tiny_model, tiny_tokenizer
+
+
+EVALUATE_SCRIPT = textwrap.dedent(
+    """
+    import json
+    import sys
+
+    import torch.distributed as dist
+
+    from hf_knowedit.cli import main
+    from hf_knowedit.edited_model import EditedModel
+
+    runs, failing, report = json.loads(sys.argv[1])
+    for argv in runs:
+        assert main(argv) == 0, argv
+
+    # An edit that fails on process 1 only: both processes stop, none waits for the other.
+    rank = dist.get_rank()
+    if rank == 1:
+        def add_edits(self, *args, **kwargs):
+            raise RuntimeError("edit failed on process 1")
+        EditedModel.add_edits = add_edits
+    try:
+        outcome = f"exit code {main(failing)}"
+    except RuntimeError as error:
+        outcome = f"RuntimeError: {error}"
+    with open(f"{report}.{rank}", "w") as handle:
+        handle.write(outcome)
+    """
+)
+# batch: chunks [0, 1] (done by an earlier one-process run, resumed), [2, 3] on process 0, [4] on process 1.
+# sequential every:2: both processes apply the edits; the cases at each checkpoint are scored in chunks of 2.
+MODES = {"batch": ["--mode", "batch", "--batch-size", "2"],
+         "sequential": ["--mode", "sequential", "--eval-schedule", "every:2"]}
+
+
+def _evaluate_argv(model_dir, dataset, output, mode, n=5):
+    return ["evaluate", "--method", "ft", "--set", "num_steps=4", "--set", "lr=0.05", "--model", str(model_dir),
+            "--dataset", str(dataset), "--n", str(n), "--fluency-tokens", "6", "--scorer-batch-size", "2",
+            "--output", str(output), *MODES[mode]]
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_evaluation_in_two_processes_equals_one(tmp_path):
+    model_dir, dataset = tmp_path / "model", tmp_path / "cases.jsonl"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    dataset.write_text("".join(json.dumps(case) + "\n" for case in CASES))
+    one, two = tmp_path / "one", tmp_path / "two"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the launched processes
+    try:
+        for mode in MODES:
+            assert main(_evaluate_argv(model_dir, dataset, one / mode, mode)) == 0
+        # an interrupted one-process batch run, resumed (and extended to 5 cases) by the two processes
+        assert main(_evaluate_argv(model_dir, dataset, two / "batch", "batch", n=2)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    script = tmp_path / "evaluate.py"
+    script.write_text(EVALUATE_SCRIPT)
+    argvs = [_evaluate_argv(model_dir, dataset, two / mode, mode) for mode in MODES]
+    failing = _evaluate_argv(model_dir, dataset, tmp_path / "failing", "batch")
+    result = launch("accelerate", script, json.dumps([argvs, failing, str(tmp_path / "outcome")]))
+    assert result.stdout.count("Wrote ") == len(MODES)  # the main process reports; the other is silent
+    assert "2 processes" in result.stdout
+    assert (tmp_path / "outcome.0").read_text() == "exit code 2"
+    assert "error: Process 1 of 2 failed (RuntimeError: edit failed on process 1)" in result.stderr
+    assert (tmp_path / "outcome.1").read_text() == "RuntimeError: edit failed on process 1"
+
+    for mode in MODES:
+        # pre-edit scores: the same records in the same order (chunks of 2 cases, dealt to the processes)
+        assert _jsonl(two / mode / "pre.jsonl") == _jsonl(one / mode / "pre.jsonl")
+        records = {name: _jsonl(root / mode / "results.jsonl") for name, root in (("one", one), ("two", two))}
+        assert [r["index"] for r in records["two"]] == [r["index"] for r in records["one"]] == [0, 1, 2, 3, 4]
+        for a, b in zip(records["one"], records["two"]):
+            for key in ("case_id", "chunk", "chunk_indices", "num_edits_applied", "pre", "post", "base_restored"):
+                assert a.get(key) == b.get(key), (mode, a["index"], key)
+        summaries = {name: json.loads((root / mode / "summary.json").read_text())
+                     for name, root in (("one", one), ("two", two))}
+        assert summaries["one"]["world_size"] == 1 and summaries["two"]["world_size"] == 2
+        assert summaries["two"]["metrics"] == summaries["one"]["metrics"] and summaries["two"]["complete"]
+        assert summaries["two"]["curve"] == summaries["one"]["curve"]
+        assert summaries["two"]["settings"] == summaries["one"]["settings"]
+    # the work was shared: the resumed batch chunk [4] ran on process 1; sequential scoring used both processes
+    batch = {r["index"]: r["rank"] for r in _jsonl(two / "batch" / "results.jsonl")}
+    assert batch == {0: 0, 1: 0, 2: 0, 3: 0, 4: 1}
+    assert {r["rank"] for r in _jsonl(two / "sequential" / "results.jsonl")} == {0, 1}
+    assert [p["num_edits"] for p in _jsonl(two / "sequential" / "curve.jsonl")] == [2, 4, 5]
+
+
+TRAIN_SCRIPT = textwrap.dedent(
+    """
+    import json
+    import sys
+
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from hf_knowedit.methods.mend import MENDTrainingSpec
+    from hf_knowedit.training import EditorTrainingArguments, train_editor
+    from tests.test_training import CONFIG
+    from tests.test_learned_editors import TRAIN
+    from tests.tiny_models import tiny_model, tiny_tokenizer
+
+    trainables = []
+    original = MENDTrainingSpec.training_loss
+
+    def training_loss(self, trainable, requests):  # keeps this process's editor network, to compare the processes
+        trainables[:] = [trainable]
+        return original(self, trainable, requests)
+
+    MENDTrainingSpec.training_loss = training_loss
+    output = sys.argv[1]
+    arguments = EditorTrainingArguments(batch_size=4, learning_rate=1e-2, save_every=2, log_every=1)
+    result = train_editor("mend", tiny_model("gpt2"), tiny_tokenizer(), TRAIN, output, config=CONFIG,
+                          args=arguments, max_steps=3)
+    rank, trainable = dist.get_rank(), trainables[0]
+    state = {name: tensor.detach().contiguous() for name, tensor in trainable.state_dict().items()}
+    save_file(state, f"{output}/rank{rank}.safetensors")
+    with open(f"{output}/rank{rank}.json", "w") as handle:
+        json.dump({"status": result.status, "steps": result.steps, "editor_dir": str(result.editor_dir),
+                   "parameters": sorted(name for name, _ in trainable.named_parameters())}, handle)
+    """
+)
+
+
+def test_editor_training_in_two_processes(tmp_path):
+    """Editor training under `accelerate launch`: what two processes guarantee.
+
+    Not the weights of a one-process run: each process edits its own batch of `batch_size` requests and the gradients
+    are averaged, so a step sees `2 * batch_size` requests, and a MEND or KE loss over a batch edited at once is not
+    the mean of per-request losses. What holds: the processes stay in step (the same editor parameters on both after
+    every step), the saved editor is the main process's, and the main process alone writes the log, the checkpoints
+    and the editor. MEND's running normalisation moments (buffers, not parameters) are updated by each process from
+    its own batches and not combined, so they differ between the processes; the saved ones are the main process's.
+    """
+    script, output = tmp_path / "train.py", tmp_path / "run"
+    script.write_text(TRAIN_SCRIPT)
+    launch("accelerate", script, output)
+    results = [json.loads((output / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    parameters = results[0].pop("parameters")
+    assert results[1].pop("parameters") == parameters and len(parameters) > 1
+    assert results[0] == results[1] == {"status": "completed", "steps": 3, "editor_dir": str(output / "editor")}
+    ranks = [load_file(str(output / f"rank{rank}.safetensors")) for rank in (0, 1)]
+    saved = load_file(str(output / "editor" / "editor_weights.safetensors"))
+    assert ranks[0].keys() == ranks[1].keys() == saved.keys()
+    assert all(torch.equal(ranks[0][name], saved[name]) for name in saved)
+    assert all(torch.equal(ranks[0][name], ranks[1][name]) for name in parameters)
+    log = _jsonl(output / "training_log.jsonl")  # each line once: the main process writes it
+    assert [(r["step"], r["split"]) for r in log] == [(1, "train"), (2, "train"), (3, "train"), (3, "validation")]
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
+    assert '"num_processes": 2' in (output / "editor" / "editor_config.json").read_text()
