@@ -5,9 +5,11 @@ import json
 
 import pytest
 import torch
+from tokenizers.processors import TemplateProcessing
 
 from hf_knowedit.config import build_config
-from hf_knowedit.data import DatasetFormatError, DatasetSelectionError
+from hf_knowedit.data import DatasetFormatError, DatasetSelectionError, load_edit_dataset
+from hf_knowedit.edited_model import EditedModel
 from hf_knowedit.errors import EditConfigError
 from hf_knowedit.evaluation import (
     EvaluationSettings,
@@ -16,6 +18,7 @@ from hf_knowedit.evaluation import (
     run_evaluation,
 )
 from hf_knowedit.evaluation.cli import add_evaluate_parser, add_report_parser
+from hf_knowedit.evaluation.probes import ChatTemplateError, apply_chat_template, chat_prompt
 from hf_knowedit.evaluation.report import write_report
 from hf_knowedit.scoring import BatchScorer
 from hf_knowedit.utils import parse_overrides
@@ -230,3 +233,70 @@ def test_cli_and_report(runs, dataset, tmp_path):
     assert args.func(args) == 0 and (tmp_path / "report2" / "report.md").is_file()
     with pytest.raises(EvaluationSettingsError, match="not an evaluation run"):
         write_report([tmp_path / "nothing"], tmp_path / "r3")
+
+
+# A chat template in the style of most instruction-tuned models: the user's turn, then the assistant's opening.
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def _chat_tokenizer(template=CHAT_TEMPLATE):
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def _chat(prompt):
+    return f"<|user|>{prompt}\n<|assistant|>"
+
+
+def test_chat_template_is_applied_to_every_prompt_and_to_the_edit(dataset, tmp_path, monkeypatch):
+    requests = apply_chat_template(load_edit_dataset(dataset), _chat_tokenizer())
+    first = requests[0]
+    assert first.filled_prompt == _chat("The capital of Atlantis is")
+    start, end = first.subject_span
+    assert first.filled_prompt[start:end] == "Atlantis"
+    assert first.rephrase_prompts == [_chat("Atlantis has its capital in")]
+    assert [(p.prompt, p.answer) for p in first.locality] == [(_chat("The capital of Spain is"), "Madrid")]
+    assert first.portability[0].prompt == _chat("The capital of Atlantis is on the river")
+    assert (first.target_new, first.target_true) == ("Paris", "Rome")
+
+    edited_prompts = []
+    add_edits = EditedModel.add_edits
+
+    def spy(self, config, requests, **kwargs):
+        edited_prompts.extend(r.filled_prompt for r in requests)
+        return add_edits(self, config, requests, **kwargs)
+
+    monkeypatch.setattr(EditedModel, "add_edits", spy)
+    chat = run_evaluation(_settings(dataset, n=2, chat_template=True), tmp_path / "chat", model=tiny_model("llama"),
+                          tokenizer=_chat_tokenizer())
+    assert edited_prompts == [r.filled_prompt for r in requests[:2]]  # the edit is made on the templated prompt
+    assert chat["settings"]["chat_template"] is True
+    assert chat["chat_template"]["edit_prompts"] == "templated" and len(chat["chat_template"]["template_sha256"]) == 64
+    assert chat["chat_template"]["example_prompt"] == first.filled_prompt
+    plain = _run(_settings(dataset, n=2), tmp_path / "plain")
+    assert plain["chat_template"] is None
+    assert chat["metrics"]["pre"]["reliability"] != plain["metrics"]["pre"]["reliability"]  # other prompts scored
+    with pytest.raises(EvaluationSettingsError, match="chat_template: True there, False now"):
+        _run(_settings(dataset, n=2), tmp_path / "chat")
+
+    with pytest.raises(ChatTemplateError, match="has none"):
+        _run(_settings(dataset, n=1, chat_template=True), tmp_path / "none")
+    with pytest.raises(ChatTemplateError, match="exactly one"):
+        apply_chat_template(requests[:1], _chat_tokenizer("{} " + CHAT_TEMPLATE))
+    with pytest.raises(EvaluationSettingsError, match="chat_template must be True or False"):
+        _settings(dataset, chat_template="yes")
+    parser = argparse.ArgumentParser()
+    add_evaluate_parser(parser.add_subparsers())
+    args = parser.parse_args(["evaluate", "--dataset", dataset, "--output", "x", "--chat-template"])
+    assert args.chat_template
+
+
+def test_chat_template_bos_is_not_doubled():
+    tokenizer = _chat_tokenizer("{{ bos_token }}" + CHAT_TEMPLATE)
+    assert chat_prompt(tokenizer, "Hi") == "<|endoftext|>" + _chat("Hi")  # GPT-2 adds no BOS: the template's stays
+    tokenizer._tokenizer.post_processor = TemplateProcessing(single="<|endoftext|> $A",
+                                                             special_tokens=[("<|endoftext|>", 50256)])
+    prompt = chat_prompt(tokenizer, "Hi")  # a tokenizer that adds its BOS (as Llama's does): the template's is dropped
+    assert prompt == _chat("Hi") and tokenizer(prompt)["input_ids"].count(tokenizer.bos_token_id) == 1

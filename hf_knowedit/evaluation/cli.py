@@ -35,6 +35,9 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
                         help="Greedy tokens generated from the edit prompt for fluency (0: no fluency).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--label", default=None, help="The method's name in reports (default from the config).")
+    parser.add_argument("--chat-template", action="store_true",
+                        help="Put every prompt into the tokenizer's chat template (the user's turn; the target "
+                        "continues the assistant's), for editing and scoring.")
     parser.add_argument("--scorer-batch-size", type=int, default=32, help="Prompts per scoring forward pass.")
     parser.add_argument("--output", required=True, help="Output directory.")
     parser.add_argument("--overwrite", action="store_true",
@@ -66,6 +69,7 @@ def run_evaluate_command(args) -> int:
         fluency_tokens=args.fluency_tokens,
         seed=args.seed,
         label=args.label,
+        chat_template=args.chat_template,
     )
     summary = run_evaluation(settings, args.output, overwrite=args.overwrite,
                              scorer_batch_size=args.scorer_batch_size)

@@ -43,6 +43,12 @@ records `world_size`).
 A model passed to [`run_evaluation`] stays where it is; one the harness loads goes to the process's GPU under several
 processes. A failure on any process raises on all (an `EvaluationProcessError` on the others), so none is left waiting.
 Progress bars are shown by the main process only.
+
+Chat templates (`chat_template=True`, `--chat-template`): every prompt of every case (edit prompt, paraphrases,
+locality and portability probes, and the fluency prompt) is put into the tokenizer's chat template as the user's turn,
+followed by the opening of the assistant's turn, which the target continues. The edits are made on the templated
+prompts too, since the edit must hold in the form the model is queried in. `summary.json` records the template's
+SHA-256 and an example prompt; a tokenizer without a chat template raises `ChatTemplateError`.
 """
 
 import json
@@ -64,10 +70,10 @@ from ..edited_model import EditedModel
 from ..errors import KnowEditError
 from ..metrics import FLUENCY_PROTOCOL, PROTOCOLS
 from ..scoring import BatchScorer
-from ..statistics import _distributed
+from ..statistics import _distributed, _sha256_json
 from ..utils import get_logger, tqdm, write_json
 from ..version import __version__
-from .probes import METRICS, score_cases
+from .probes import METRICS, ChatTemplateError, apply_chat_template, score_cases
 
 
 logger = get_logger(__name__)
@@ -122,6 +128,8 @@ class EvaluationSettings:
         seed (`int`, *optional*, defaults to `0`): torch and Python seeds, reset to `seed + chunk` before each edit.
         label (`str`, *optional*): the method's name in reports (default: from the config's variant, e.g. `FT-M`,
             or the method's name in capitals; set when the run starts).
+        chat_template (`bool`, *optional*, defaults to `False`): put every prompt into the tokenizer's chat template
+            (the user's turn; the target continues the assistant's) for editing and for scoring.
     """
 
     method: str
@@ -137,6 +145,7 @@ class EvaluationSettings:
     fluency_tokens: int = 50
     seed: int = 0
     label: str | None = None
+    chat_template: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -163,6 +172,8 @@ class EvaluationSettings:
             raise EvaluationSettingsError(
                 f"fluency_tokens must be a non-negative integer, got {self.fluency_tokens!r}."
             )
+        if not isinstance(self.chat_template, bool):
+            raise EvaluationSettingsError(f"chat_template must be True or False, got {self.chat_template!r}.")
 
     def comparable(self) -> dict:
         """The settings a resumed run must share; `n` may grow in `single`/`batch` modes (cases are independent)."""
@@ -416,6 +427,11 @@ def run_evaluation(
     if tokenizer is None:
         raise EvaluationSettingsError("Pass the model's tokenizer along with the model.")
     prepare_tokenizer(tokenizer)
+    chat_template = None
+    if settings.chat_template:
+        requests = apply_chat_template(requests, tokenizer)
+        chat_template = {"template_sha256": _sha256_json(tokenizer.chat_template), "edit_prompts": "templated",
+                         "example_prompt": requests[0].filled_prompt}
     if isinstance(model, EditedModel):
         if model.edit_names:
             raise EvaluationSettingsError(
@@ -470,7 +486,8 @@ def run_evaluation(
     def write_summary() -> dict:
         summary = summarize([done[i] for i in indices if i in done], settings,
                             wall_seconds=time.perf_counter() - start_wall, curve=read_jsonl(curve_path),
-                            environment=environment, num_cases=len(indices), world_size=processes.world_size)
+                            environment=environment, num_cases=len(indices), world_size=processes.world_size,
+                            chat_template=chat_template)
         write_json(output_dir / SUMMARY_NAME, summary)
         return summary
 
@@ -680,10 +697,11 @@ def mean_ci(values: list[float]) -> dict:
 
 def summarize(records: list[dict], settings: EvaluationSettings, wall_seconds: float | None = None,
               curve: list[dict] | None = None, environment: dict | None = None, num_cases: int | None = None,
-              world_size: int = 1) -> dict:
+              world_size: int = 1, chat_template: dict | None = None) -> dict:
     """The summary of a run's per-case records: means with 95% CIs per metric and protocol, skips, efficiency.
 
-    `world_size` is the number of processes of this session.
+    `world_size` is the number of processes of this session; `chat_template` describes the chat template the prompts
+    were put into (`None`: none).
     """
     protocols = tuple(settings.protocols)
     skip_reasons: dict[str, dict[str, int]] = {}
@@ -704,6 +722,7 @@ def summarize(records: list[dict], settings: EvaluationSettings, wall_seconds: f
         "eval_schedule": settings.eval_schedule,
         "protocols": list(protocols),
         "seed": settings.seed,
+        "chat_template": chat_template,
         "world_size": world_size,
         "num_cases": num_cases if num_cases is not None else len(records),
         "num_completed": len(records),
@@ -735,6 +754,7 @@ def load_summary(output_dir: str | os.PathLike) -> dict:
 
 
 __all__ = [
+    "ChatTemplateError",
     "EvaluationProcessError",
     "EvaluationSettings",
     "EvaluationSettingsError",

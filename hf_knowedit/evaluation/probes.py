@@ -4,8 +4,16 @@ All the cases given are scored together (one batched pass of teacher forcing and
 metrics are computed with the pure functions of :mod:`hf_knowedit.metrics`. A case's score for a metric is the mean
 over its probes (e.g. its two locality prompts). A metric a case cannot support is recorded as skipped, with the
 reason, never as a zero.
+
+With `chat_template=True` a run first puts every prompt of its cases into the tokenizer's chat template
+(:func:`apply_chat_template`): the prompt is the user's turn, and the target continues the assistant's.
 """
 
+import dataclasses
+
+from jinja2 import TemplateError
+
+from ..errors import KnowEditError
 from ..metrics import (
     FLUENCY_PROTOCOL,
     PROTOCOLS,
@@ -15,8 +23,9 @@ from ..metrics import (
     edit_portability,
     edit_reliability,
 )
-from ..requests import EditRequest
+from ..requests import SUBJECT_PLACEHOLDER, EditRequest
 from ..scoring import BatchScorer
+from ..statistics import _prefix_tokens
 
 
 METRICS: tuple[str, ...] = (
@@ -34,6 +43,77 @@ EXACT_MATCH_EXTRA_TOKENS = 2
 
 NO_ANSWER_GENERATION_TOKENS = 10
 """Greedy tokens generated for a locality probe without an answer (exact-match `unchanged` only)."""
+
+
+class ChatTemplateError(KnowEditError, ValueError):
+    """The tokenizer has no chat template, or its template cannot hold an edit prompt."""
+
+
+def chat_prompt(tokenizer, prompt: str) -> str:
+    """`prompt` as the user's turn of the tokenizer's chat template, followed by the opening of the assistant's turn.
+
+    The text is what `tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+    add_generation_prompt=True)` renders, less a leading BOS that the tokenizer adds again when it encodes the text
+    (Llama's), so that the model never sees two.
+
+    Example:
+
+    ```python
+    >>> from tests.tiny_models import tiny_tokenizer
+    >>> tokenizer = tiny_tokenizer()
+    >>> tokenizer.chat_template = (
+    ...     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\\n{% endfor %}"
+    ...     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    ... )
+    >>> chat_prompt(tokenizer, "The capital of France is")
+    '<|user|>The capital of France is\\n<|assistant|>'
+
+    ```
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatTemplateError(
+            f"chat_template=True needs a tokenizer with a chat template, and {type(tokenizer).__name__} (of "
+            f"{getattr(tokenizer, 'name_or_path', None)!r}) has none. Use the tokenizer of an instruction-tuned "
+            "model, set tokenizer.chat_template to a Jinja template, or evaluate without --chat-template."
+        )
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    except TemplateError as error:
+        raise ChatTemplateError(
+            f"The tokenizer's chat template fails on a single user message ({error}); it must accept "
+            "[{'role': 'user', 'content': prompt}] with add_generation_prompt=True."
+        ) from error
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and text.startswith(bos) and _prefix_tokens(tokenizer):
+        text = text[len(bos) :]
+    return text
+
+
+def apply_chat_template(requests: list[EditRequest], tokenizer) -> list[EditRequest]:
+    """The cases with every prompt (edit prompt, paraphrases, locality and portability probes) in the chat template.
+
+    The edit prompt keeps its subject placeholder, so the templated request is edited as it is queried: the subject's
+    tokens are found inside the user's turn, and the target continues the assistant's. Raises
+    [`ChatTemplateError`] when the tokenizer has no chat template.
+    """
+    templated = []
+    for request in requests:
+        prompt = chat_prompt(tokenizer, request.template)
+        if prompt.count(SUBJECT_PLACEHOLDER) != 1:
+            raise ChatTemplateError(
+                f"The chat template turns the edit prompt {request.template!r} into {prompt!r}, with "
+                f"{prompt.count(SUBJECT_PLACEHOLDER)} '{{}}' instead of exactly one where the subject goes; use a "
+                "template that writes no '{}' of its own."
+            )
+        templated.append(dataclasses.replace(
+            request,
+            prompt=prompt,
+            rephrase_prompts=[chat_prompt(tokenizer, p) for p in request.rephrase_prompts],
+            locality=[dataclasses.replace(p, prompt=chat_prompt(tokenizer, p.prompt)) for p in request.locality],
+            portability=[dataclasses.replace(p, prompt=chat_prompt(tokenizer, p.prompt)) for p in request.portability],
+        ))
+    return templated
 
 
 def _answer_length(tokenizer, answer: str) -> int:
@@ -222,4 +302,4 @@ def _case_metrics(request, need, protocols, target_scores, generations, pre) -> 
     return {"scores": scores, "skipped": skipped, "raw": raw}
 
 
-__all__ = ["METRICS", "score_cases"]
+__all__ = ["METRICS", "ChatTemplateError", "apply_chat_template", "chat_prompt", "score_cases"]
