@@ -54,7 +54,9 @@ class EditComponent(nn.Module):
         x = first_tensor(module_input)
         out = first_tensor(module_output)
         update = self.contribute(x.to(self.compute_dtype))
-        return replace_first_tensor(module_output, out + update.to(out.dtype))
+        if update.dtype != out.dtype:  # add in the delta's precision, round once to the model's dtype
+            return replace_first_tensor(module_output, (out.to(update.dtype) + update).to(out.dtype))
+        return replace_first_tensor(module_output, out + update)
 
     def contribute(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -19,6 +19,7 @@ from .devices import is_offloaded, materialized_weight
 from .errors import ArtifactError, EditConfigError, EditNotFoundError, EditRequestError, OffloadedWeightsError
 from .fingerprint import check_fingerprint, model_fingerprint
 from .hub import resolve_artifact_dir
+from .precision import HALF_PRECISION, check_edit_effect, check_merge_effect, model_dtype, target_log_probs
 from .requests import EditRequest, as_requests
 from .utils import get_logger
 
@@ -106,6 +107,7 @@ class EditedModel(nn.Module):
         self._pending: dict[str, list[EditComponent]] = {}
         self._originals: dict[str, torch.Tensor] = {}  # weights as they were before merge_edits
         self._merged: list[str] = []
+        self.check_precision = True  # on fp16/bf16 models, warn when rounding swallows an edit (see precision.py)
 
     # -- pass-through ----------------------------------------------------------------------------------------------
     def __getattr__(self, name: str):
@@ -183,6 +185,8 @@ class EditedModel(nn.Module):
             components = editor.compute_components(self, requests)
         seconds = time.perf_counter() - start
         components = self._validate_components(components)
+        half = self._half_precision_dtype()
+        before = target_log_probs(self, self.tokenizer, requests) if half else None
         fingerprint = model_fingerprint(self.base_model, self._original_tensors(components))
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = fingerprint["name_or_path"]
@@ -193,6 +197,9 @@ class EditedModel(nn.Module):
         stats.update(editor.stats)
         stats["edit_seconds"] = stats.get("edit_seconds", 0.0) + seconds
         stats["num_edit_calls"] = stats.get("num_edit_calls", 0) + 1
+        if half:
+            after = target_log_probs(self, self.tokenizer, requests)
+            stats["precision_check"] = check_edit_effect(half, requests, before, after, edit_name)
         logger.info("Edit %r: %d request(s) in %.2f s", edit_name, len(requests), seconds)
         return self
 
@@ -237,11 +244,21 @@ class EditedModel(nn.Module):
             return
         deltas = self._active_weight_deltas()
         self._check_mergeable(deltas)
+        half = self._half_precision_dtype() if deltas else None
+        requests = [r for name in self._active for r in self._edits[name].requests]
+        unmerged = target_log_probs(self, self.tokenizer, requests) if half else None
         for path, delta in deltas.items():
             module = self.base_model.get_submodule(path)
             self._originals.setdefault(path, module.weight.detach().clone())
             merge_weight_delta(module, delta, self.layout.weights_transposed)
         self._merged = list(self._active)
+        if half:
+            merged = target_log_probs(self, self.tokenizer, requests)
+            with self.disable_edits():
+                unedited = target_log_probs(self, self.tokenizer, requests)
+            record = check_merge_effect(half, requests, unedited, unmerged, merged)
+            for name in self._merged:
+                self._edits[name].stats["merge_precision_check"] = record
 
     def unmerge_edits(self) -> None:
         """Restore the original weights after :meth:`merge_edits`."""
@@ -263,9 +280,25 @@ class EditedModel(nn.Module):
         deltas = self._active_weight_deltas()
         self._check_mergeable(deltas)
         self.unmerge_edits()
+        half = self._half_precision_dtype() if deltas else None
+        if half:
+            requests = [r for name in self._active for r in self._edits[name].requests]
+            unmerged = target_log_probs(self, self.tokenizer, requests)
+            with self.disable_edits():
+                unedited = target_log_probs(self, self.tokenizer, requests)
         for path, delta in deltas.items():
             merge_weight_delta(self.base_model.get_submodule(path), delta, self.layout.weights_transposed)
-        return self._detach()
+        model = self._detach()
+        if half:
+            check_merge_effect(half, requests, unedited, unmerged, target_log_probs(model, self.tokenizer, requests))
+        return model
+
+    def _half_precision_dtype(self) -> torch.dtype | None:
+        """The model's dtype when it is fp16/bf16 and the precision check is on (and possible), else `None`."""
+        if not self.check_precision or self.tokenizer is None:
+            return None
+        dtype = model_dtype(self.base_model)
+        return dtype if dtype in HALF_PRECISION else None
 
     def _check_mergeable(self, paths) -> None:
         offloaded = [path for path in paths if is_offloaded(self.base_model.get_submodule(path))]
