@@ -1,6 +1,7 @@
 """End-to-end tests of the evaluation harness, the batched scorer and the reports, on a tiny model."""
 
 import argparse
+import hashlib
 import json
 
 import pytest
@@ -273,7 +274,8 @@ def test_chat_template_is_applied_to_every_prompt_and_to_the_edit(dataset, tmp_p
                           tokenizer=_chat_tokenizer())
     assert edited_prompts == [r.filled_prompt for r in requests[:2]]  # the edit is made on the templated prompt
     assert chat["settings"]["chat_template"] is True
-    assert chat["chat_template"]["edit_prompts"] == "templated" and len(chat["chat_template"]["template_sha256"]) == 64
+    assert chat["chat_template"]["edit_prompts"] == "templated"
+    assert chat["chat_template"]["template_sha256"] == hashlib.sha256(CHAT_TEMPLATE.encode()).hexdigest()
     assert chat["chat_template"]["example_prompt"] == first.filled_prompt
     plain = _run(_settings(dataset, n=2), tmp_path / "plain")
     assert plain["chat_template"] is None

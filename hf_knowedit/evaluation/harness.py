@@ -40,8 +40,10 @@ records `world_size`).
   chunks of `scorer_batch_size` cases. The edits take as long as on one process and the scoring is split: use few
   processes for long sequential runs, or none.
 
-A model passed to [`run_evaluation`] stays where it is; one the harness loads goes to the process's GPU under several
-processes. A failure on any process raises on all (an `EvaluationProcessError` on the others), so none is left waiting.
+Every process must call [`run_evaluation`] (the command line does). A model passed to it stays where it is; one the
+harness loads goes to the process's GPU under several processes. A failure while scoring or editing a dealt-out chunk,
+or in the main process's reading and writing, raises on every process (an `EvaluationProcessError` on the others)
+rather than leaving them waiting; a process that dies otherwise is handled by the launcher, which stops the others.
 Progress bars are shown by the main process only.
 
 Chat templates (`chat_template=True`, `--chat-template`): every prompt of every case (edit prompt, paraphrases,
@@ -51,6 +53,7 @@ prompts too, since the edit must hold in the form the model is queried in. `summ
 SHA-256 and an example prompt; a tokenizer without a chat template raises `ChatTemplateError`.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -271,8 +274,8 @@ def _join_process_group() -> None:
 class _Processes:
     """The processes of a run (one, or those of torch.distributed) and the few collectives the harness needs.
 
-    With one process every collective is the identity. Errors never leave a process waiting: work is done inside
-    :meth:`rounds` and :meth:`on_main`, which share each process's failure with the others before raising.
+    With one process every collective is the identity. The work done inside :meth:`rounds` and :meth:`on_main` shares
+    each process's failure with the others before raising, so that no process is left waiting for a failed one.
     """
 
     def __init__(self):
@@ -430,7 +433,10 @@ def run_evaluation(
     chat_template = None
     if settings.chat_template:
         requests = apply_chat_template(requests, tokenizer)
-        chat_template = {"template_sha256": _sha256_json(tokenizer.chat_template), "edit_prompts": "templated",
+        template = tokenizer.chat_template  # its text, or a dict of named templates
+        digest = (hashlib.sha256(template.encode("utf-8")).hexdigest() if isinstance(template, str)
+                  else _sha256_json(template))
+        chat_template = {"template_sha256": digest, "edit_prompts": "templated",
                          "example_prompt": requests[0].filled_prompt}
     if isinstance(model, EditedModel):
         if model.edit_names:
