@@ -12,10 +12,11 @@ import json
 import pytest
 import torch
 
-from hf_knowedit import ArtifactError, BaseModelMismatchError, EditedModel, EditRequest
+from hf_knowedit import ArtifactError, BaseModelMismatchError, EditConfigError, EditedModel, EditRequest
 from hf_knowedit.methods.calinet import CaliNETConfig
 from hf_knowedit.methods.grace import GRACEConfig
 from hf_knowedit.methods.ike import IKEConfig
+from hf_knowedit.methods.ike.editor import load_demonstration_pool
 from hf_knowedit.methods.tpatcher import TPatcherConfig
 
 from .helpers import TOKENIZER, model_inputs, target_log_prob
@@ -180,3 +181,24 @@ def test_truncated_memory_raises(tmp_path):
     config.write_text(config.read_text()[:200])
     with pytest.raises(ArtifactError):
         EditedModel.from_pretrained(base_model("gpt2"), tmp_path, tokenizer=TOKENIZER)
+
+
+def test_ike_demonstrations_from_any_dataset_format(tmp_path):
+    """IKE's pool reads any format `load_edit_dataset` reads: copy, update and retain demonstrations per record."""
+    records = [{"src": "What is the capital of Freedonia?", "subject": "Freedonia", "alt": "Fredville",
+                "rephrase": "Which city is Freedonia's capital?", "loc": "nq question: who wrote hamlet",
+                "loc_ans": "Shakespeare", "answers": ["Old Town"]}]
+    path = tmp_path / "zsre.json"
+    path.write_text(json.dumps(records), encoding="utf-8")
+    pool = load_demonstration_pool(str(path), max_records=10)
+    assert [d["text"].strip().splitlines()[-1] for d in pool] == [
+        "What is the capital of Freedonia? Fredville", "Which city is Freedonia's capital? Fredville",
+        "nq question: who wrote hamlet Shakespeare"]
+    model = EditedModel(tiny_model("gpt2"), TOKENIZER)
+    model.add_edits(IKEConfig(demonstrations_file=str(path), num_demonstrations=2), [REQUEST])
+    assert model.get_edit().components
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"text": "no edit fields"}]), encoding="utf-8")
+    for wrong, match in ((bad, "cannot be read as an edit dataset"), (tmp_path / "missing.json", "does not exist")):
+        with pytest.raises(EditConfigError, match=match):
+            EditedModel(tiny_model("gpt2"), TOKENIZER).add_edits(IKEConfig(demonstrations_file=str(wrong)), [REQUEST])

@@ -1,35 +1,39 @@
-import json
 from pathlib import Path
 
+from ...data import load_edit_dataset
 from ...edited_model import MODEL_ROOT
 from ...editor import BaseEditor
-from ...errors import EditConfigError
+from ...errors import EditConfigError, KnowEditError
 from .config import IKEConfig
 from .memory import InContextMemory, demonstration, fact_text
 from .retrieval import TfidfIndex
 
 
 def load_demonstration_pool(path: str, max_records: int) -> list[dict]:
-    """The copy, update and retain demonstrations of the first `max_records` records of a CounterFact-style file."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise EditConfigError(f"IKEConfig.demonstrations_file {path!r} does not exist; give a CounterFact-style JSON.")
+    """The copy, update and retain demonstrations of the first `max_records` records of an edit dataset (any file
+    :func:`~hf_knowedit.load_edit_dataset` reads: CounterFact, zsRE, KnowEdit, JSONL, ...).
+
+    Each record gives a *copy* demonstration (the edit prompt answered with the new target), an *update* one per
+    paraphrase (answered with the new target) and a *retain* one per locality prompt with an answer (answered as
+    before), as in Zheng et al. (2023).
+    """
+    if not Path(path).expanduser().is_file():
+        raise EditConfigError(f"IKEConfig.demonstrations_file {path!r} does not exist; give an edit dataset file.")
     try:
-        records = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise EditConfigError(f"IKEConfig.demonstrations_file {path!r} is not valid JSON: {error}") from error
+        requests = load_edit_dataset(Path(path).expanduser())[:max_records]
+    except KnowEditError as error:
+        raise EditConfigError(f"IKEConfig.demonstrations_file {path!r} cannot be read as an edit dataset: {error}") \
+            from error
     pool = []
-    for record in records[:max_records]:
-        if not all(isinstance(record.get(k), str) for k in ("prompt", "target_new")):
-            continue
-        prompt = record["prompt"].replace("{}", str(record.get("subject", "")))
-        fact = fact_text(prompt, record["target_new"])
-        pool.append({"fact": fact, "text": demonstration(fact, prompt, record["target_new"])})  # copy
-        if isinstance(record.get("rephrase_prompt"), str):  # update
-            pool.append({"fact": fact, "text": demonstration(fact, record["rephrase_prompt"], record["target_new"])})
-        if isinstance(record.get("locality_prompt"), str) and isinstance(record.get("locality_ground_truth"), str):
-            pool.append({"fact": fact, "text": demonstration(  # retain
-                fact, record["locality_prompt"], record["locality_ground_truth"])})
+    for request in requests:
+        fact = fact_text(request.filled_prompt, request.target_new)
+        pool.append({"fact": fact, "text": demonstration(fact, request.filled_prompt, request.target_new)})  # copy
+        for prompt in request.rephrase_prompts:  # update
+            pool.append({"fact": fact, "text": demonstration(fact, prompt, request.target_new)})
+        for probe in request.locality:  # retain
+            answer = probe.answer[0] if isinstance(probe.answer, list) and probe.answer else probe.answer
+            if isinstance(answer, str) and answer:
+                pool.append({"fact": fact, "text": demonstration(fact, probe.prompt, answer)})
     return pool
 
 
