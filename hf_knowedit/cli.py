@@ -68,6 +68,8 @@ def add_edit_parser(subparsers) -> argparse.ArgumentParser:
         "--model", default="default", help="Model id or local path (default: the embedded SmolLM2-135M-Instruct)."
     )
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="Dtype to load the model in.")
+    parser.add_argument("--device-map", default=None,
+                        help="accelerate device map to load the model with, e.g. 'auto' (default: one device).")
     parser.add_argument(
         "--config",
         metavar="CONFIG.json",
@@ -161,7 +163,7 @@ def run_edit(args) -> int:
     if args.max_new_tokens < 1:
         raise _usage_error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
 
-    model, tokenizer = _load_model(args.model, dtype=getattr(torch, args.dtype))
+    model, tokenizer = _load_model(args.model, dtype=getattr(torch, args.dtype), device_map=args.device_map)
     prompts = [r.filled_prompt for r in requests]
     before = greedy_completions(model, tokenizer, prompts, args.max_new_tokens)
 
@@ -371,7 +373,7 @@ def greedy_completion(model, tokenizer, prompt: str, max_new_tokens: int = 8) ->
     return greedy_completions(model, tokenizer, [prompt], max_new_tokens)[0]
 
 
-def _load_model(name_or_path: str, dtype=None):
+def _load_model(name_or_path: str, dtype=None, device_map=None):
     import torch
 
     from .modeling import (
@@ -389,7 +391,7 @@ def _load_model(name_or_path: str, dtype=None):
               f"safetensors under {default_model_cache_dir()} (about 20 s, once) ...")
     else:
         print(f"  Loading {DEFAULT_MODEL_NAME if is_default else name_or_path} ...")
-    model, tokenizer = load_model_and_tokenizer(name_or_path, dtype=dtype or torch.float32)
+    model, tokenizer = load_model_and_tokenizer(name_or_path, dtype=dtype or torch.float32, device_map=device_map)
     print(f"  loaded {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, "
           f"{next(model.parameters()).dtype}) in {time.perf_counter() - start:.1f} s")
     return model, tokenizer

@@ -302,3 +302,23 @@ def test_chat_template_bos_is_not_doubled():
                                                              special_tokens=[("<|endoftext|>", 50256)])
     prompt = chat_prompt(tokenizer, "Hi")  # a tokenizer that adds its BOS (as Llama's does): the template's is dropped
     assert prompt == _chat("Hi") and tokenizer(prompt)["input_ids"].count(tokenizer.bos_token_id) == 1
+
+
+def test_model_loaded_by_the_harness_in_the_given_dtype_and_device_map(dataset, tmp_path):
+    model_dir = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    settings = EvaluationSettings(method="ft", config=dict(CONFIG), model=str(model_dir), dataset=dataset, n=2,
+                                  fluency_tokens=0, protocols=["token_accuracy"], dtype="bfloat16", device_map="cpu")
+    summary = run_evaluation(settings, tmp_path / "run")
+    assert summary["environment"]["model_dtype"] == "torch.bfloat16" and summary["num_completed"] == 2
+    stored = json.loads((tmp_path / "run" / "settings.json").read_text())
+    assert stored["dtype"] == "bfloat16" and stored["device_map"] == "cpu"
+    # The device map is not part of what a resumed run must share; the dtype is.
+    settings.device_map = None
+    run_evaluation(settings, tmp_path / "run")
+    settings.dtype = "float32"
+    with pytest.raises(EvaluationSettingsError, match="dtype"):
+        run_evaluation(settings, tmp_path / "run")
+    with pytest.raises(EvaluationSettingsError, match="dtype must be"):
+        EvaluationSettings(method="ft", config={}, model="m", dataset=dataset, dtype="int8")

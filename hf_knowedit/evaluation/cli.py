@@ -38,6 +38,11 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--chat-template", action="store_true",
                         help="Put every prompt into the tokenizer's chat template (the user's turn; the target "
                         "continues the assistant's), for editing and scoring.")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="Dtype to load the model in (edits are still computed in fp32; see README).")
+    parser.add_argument("--device-map", default=None,
+                        help="accelerate device map for loading the model, e.g. 'auto' (layers spread over the GPUs, "
+                             "the rest offloaded to CPU); default: one device.")
     parser.add_argument("--scorer-batch-size", type=int, default=32, help="Prompts per scoring forward pass.")
     parser.add_argument("--output", required=True, help="Output directory.")
     parser.add_argument("--overwrite", action="store_true",
@@ -70,6 +75,8 @@ def run_evaluate_command(args) -> int:
         seed=args.seed,
         label=args.label,
         chat_template=args.chat_template,
+        dtype=args.dtype,
+        device_map=args.device_map,
     )
     summary = run_evaluation(settings, args.output, overwrite=args.overwrite,
                              scorer_batch_size=args.scorer_batch_size)

@@ -69,6 +69,7 @@ import torch
 
 from ..config import build_config
 from ..data import load_edit_dataset
+from ..devices import input_device
 from ..edited_model import EditedModel
 from ..errors import KnowEditError
 from ..metrics import FLUENCY_PROTOCOL, PROTOCOLS
@@ -133,6 +134,10 @@ class EvaluationSettings:
             or the method's name in capitals; set when the run starts).
         chat_template (`bool`, *optional*, defaults to `False`): put every prompt into the tokenizer's chat template
             (the user's turn; the target continues the assistant's) for editing and for scoring.
+        dtype (`str`, *optional*, defaults to `"float32"`): `float32`, `bfloat16` or `float16`, the dtype the model is
+            loaded in when the harness loads it.
+        device_map (`str`, *optional*): accelerate device map the harness loads the model with (e.g. `"auto"`); not
+            part of the settings a resumed run must share.
     """
 
     method: str
@@ -149,8 +154,12 @@ class EvaluationSettings:
     seed: int = 0
     label: str | None = None
     chat_template: bool = False
+    dtype: str = "float32"
+    device_map: str | None = None
 
     def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise EvaluationSettingsError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}.")
         if self.mode not in MODES:
             raise EvaluationSettingsError(f"mode must be one of {MODES}, got {self.mode!r}.")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -182,6 +191,7 @@ class EvaluationSettings:
         """The settings a resumed run must share; `n` may grow in `single`/`batch` modes (cases are independent)."""
         data = asdict(self)
         data.pop("label")
+        data.pop("device_map")  # where the layers sit does not change what is computed
         if self.mode != "sequential":
             data.pop("n")
         return data
@@ -211,7 +221,7 @@ def environment_info(model) -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
-        "device": str(next(model.parameters()).device),
+        "device": str(input_device(model)),
         "torch_threads": torch.get_num_threads(),
         "model_name_or_path": getattr(config, "_name_or_path", None),
         "model_type": getattr(config, "model_type", None),
@@ -423,10 +433,11 @@ def run_evaluation(
     requests = load_edit_dataset(settings.dataset, n=settings.n, offset=settings.offset)
     processes.on_main(lambda: _prepare_output(output_dir, settings, overwrite))
     if model is None:
-        model, loaded_tokenizer = load_model_and_tokenizer(settings.model)
+        model, loaded_tokenizer = load_model_and_tokenizer(settings.model, dtype=getattr(torch, settings.dtype),
+                                                           device_map=settings.device_map)
         tokenizer = tokenizer or loaded_tokenizer
-        if processes.world_size > 1 and torch.cuda.is_available():
-            model.to(torch.device("cuda", torch.cuda.current_device()))  # the GPU accelerate gave this process
+        if settings.device_map is None and torch.cuda.is_available():  # this process's GPU (the first one alone)
+            model.to(torch.device("cuda", torch.cuda.current_device()))
     if tokenizer is None:
         raise EvaluationSettingsError("Pass the model's tokenizer along with the model.")
     prepare_tokenizer(tokenizer)

@@ -27,7 +27,7 @@ from torch import nn
 from ..config import EditConfig
 from ..errors import ArtifactError, EditConfigError, EditRequestError
 from ..requests import as_requests
-from ..utils import get_logger, tqdm, write_json
+from ..utils import get_logger, progress_enabled, tqdm, write_json
 from .artifact import FINAL_SUBFOLDER, TrainedEditor
 from .spec import TrainableEditorSpec, get_trainable_editor
 
@@ -243,7 +243,7 @@ def train_editor(
     deadline = started + 60 * args.max_minutes if args.max_minutes else None
     params = [p for group in optimizer.param_groups for p in group["params"]]
     bar = tqdm(total=total_steps if total_steps < 10**9 else None, initial=step, desc=f"train {method}",
-               disable=None if accelerator.is_main_process else True)
+               disable=not (accelerator.is_main_process and progress_enabled()))
     running: dict[str, float] = {}
     for indices in loader:
         if step >= total_steps:
