@@ -50,6 +50,7 @@ from torch import nn
 
 from .architectures import linear_shape, resolve_layout
 from .devices import execution_device, input_device, materialized_weight
+from .distributed import all_reduce, collective_device, rank_and_world_size
 from .errors import (
     ArtifactError,
     BaseModelMismatchError,
@@ -434,23 +435,6 @@ def pack_sequences(corpus, tokenizer, num_tokens: int, max_length: int, text_col
     return sequences
 
 
-# ---------------------------------------------------------------------------------------------- distributed
-def _distributed() -> tuple[int, int]:
-    """`(rank, world_size)` of torch.distributed when initialised with more than one process, else `(0, 1)`."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    import torch.distributed as dist
-
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MIN)
-    return tensor
-
-
 # --------------------------------------------------------------------------------------------------- caching
 def stats_cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     """Where statistics are cached: `cache_dir`, else `$HF_KNOWEDIT_STATS_CACHE`, else `$HF_HOME/hf_knowedit/stats`."""
@@ -518,7 +502,7 @@ def _effective_max_length(model, max_length: int) -> int:
 def _accumulate(model, targets: list[_Target], sequences: list[list[int]], tokenizer, dtype, batch_tokens: int,
                 progress: bool) -> tuple[dict[int, torch.Tensor], dict[int, int]]:
     """Run the model over `sequences` and return the sums `Σ k kᵀ` and the counts of keys of each target layer."""
-    rank, world = _distributed()
+    rank, world = rank_and_world_size()
     local = sequences[rank::world]
     per_batch = max(1, batch_tokens // max(len(s) for s in sequences))
     device = input_device(model)
@@ -585,9 +569,9 @@ def _accumulate(model, targets: list[_Target], sequences: list[list[int]], token
     if world > 1:
         for target in targets:
             acc = sums[target.layer]
-            _all_reduce(acc)
+            all_reduce(acc)
             count = torch.tensor([counts[target.layer]], dtype=torch.int64, device=acc.device)
-            counts[target.layer] = int(_all_reduce(count).item())
+            counts[target.layer] = int(all_reduce(count).item())
     return sums, counts
 
 
@@ -751,7 +735,7 @@ class LayerStatistics:
         widest = max(t.d_k for t in targets)
         if num_tokens < widest:
             raise InsufficientTokensError(_too_few_message(f"num_tokens={num_tokens} asks for", num_tokens, widest))
-        rank, world = _distributed()
+        rank, world = rank_and_world_size()
         root = stats_cache_root(cache_dir)
 
         results: dict[int, LayerStatistics] = {}
@@ -759,8 +743,8 @@ class LayerStatistics:
             for target in targets:
                 cached = _load_cached(target.cache_dir(root, model, dtype_name, num_tokens), target.key)
                 if world > 1:  # use the cache only if every process found it, or they would go out of step
-                    found = torch.tensor([int(cached is not None)], device=_collective_device())
-                    if not int(_all_reduce(found, op="min").item()):
+                    found = torch.tensor([int(cached is not None)], device=collective_device())
+                    if not int(all_reduce(found, op="min").item()):
                         cached = None
                 if cached is not None:
                     logger.info("Loaded the statistics of %s from the cache.", target.path)
@@ -1019,12 +1003,6 @@ def _too_few_message(what: str, found: int, needed: int) -> str:
         f"{RECOMMENDED_TOKENS_PER_DIM * needed} (10 x d_k, Gupta et al. 2025, arXiv 2506.04226) for statistics that "
         "keep editing quality; pass a larger corpus= or num_tokens=."
     )
-
-
-def _collective_device() -> torch.device:
-    import torch.distributed as dist
-
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def _load_cached(directory: Path, key: str) -> LayerStatistics | None:

@@ -151,8 +151,8 @@ def test_editor_training_in_two_processes(tmp_path):
     are averaged, so a step sees `2 * batch_size` requests, and a MEND or KE loss over a batch edited at once is not
     the mean of per-request losses. What holds: the processes stay in step (the same editor parameters on both after
     every step), the saved editor is the main process's, and the main process alone writes the log, the checkpoints
-    and the editor. MEND's running normalisation moments (buffers, not parameters) are updated by each process from
-    its own batches and not combined, so they differ between the processes; the saved ones are the main process's.
+    and the editor. MEND's running normalisation moments (buffers, not parameters) are updated from the batches of
+    all the processes at once, so they are equal on both too.
     """
     script, output = tmp_path / "train.py", tmp_path / "run"
     script.write_text(TRAIN_SCRIPT)
@@ -166,6 +166,9 @@ def test_editor_training_in_two_processes(tmp_path):
     assert ranks[0].keys() == ranks[1].keys() == saved.keys()
     assert all(torch.equal(ranks[0][name], saved[name]) for name in saved)
     assert all(torch.equal(ranks[0][name], ranks[1][name]) for name in parameters)
+    moments = [name for name in saved if name.endswith(("mean", "sum_squares", "count"))]
+    assert moments and all(torch.allclose(ranks[0][name], ranks[1][name], rtol=1e-6, atol=1e-6) for name in moments)
+    assert all(float(ranks[0][name]) > 0 for name in moments if name.endswith("count"))
     log = _jsonl(output / "training_log.jsonl")  # each line once: the main process writes it
     assert [(r["step"], r["split"]) for r in log] == [(1, "train"), (2, "train"), (3, "train"), (3, "validation")]
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]

@@ -53,7 +53,7 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_evaluate_command(args) -> int:
     from ..config import build_config
-    from ..statistics import _distributed
+    from ..distributed import rank_and_world_size
     from ..utils import parse_overrides
     from .harness import EvaluationSettings, run_evaluation
 
@@ -80,7 +80,7 @@ def run_evaluate_command(args) -> int:
     )
     summary = run_evaluation(settings, args.output, overwrite=args.overwrite,
                              scorer_batch_size=args.scorer_batch_size)
-    if _distributed()[0] != 0:
+    if rank_and_world_size()[0] != 0:
         return 0  # the main process reports
     processes = f", {summary['world_size']} processes" if summary["world_size"] > 1 else ""
     print(f"{summary['method_label']} on {summary['dataset_name']} ({summary['mode']}, batch {summary['batch_size']}, "

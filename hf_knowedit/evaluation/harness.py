@@ -70,11 +70,12 @@ import torch
 from ..config import build_config
 from ..data import load_edit_dataset
 from ..devices import input_device
+from ..distributed import rank_and_world_size
 from ..edited_model import EditedModel
 from ..errors import KnowEditError
 from ..metrics import FLUENCY_PROTOCOL, PROTOCOLS
 from ..scoring import BatchScorer
-from ..statistics import _distributed, _sha256_json
+from ..statistics import _sha256_json
 from ..utils import get_logger, tqdm, write_json
 from ..version import __version__
 from .probes import METRICS, ChatTemplateError, apply_chat_template, score_cases
@@ -290,7 +291,7 @@ class _Processes:
 
     def __init__(self):
         _join_process_group()
-        self.rank, self.world_size = _distributed()
+        self.rank, self.world_size = rank_and_world_size()
         self.is_main = self.rank == 0
 
     def progress_bar(self, **kwargs):

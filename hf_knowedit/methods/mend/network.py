@@ -9,6 +9,8 @@ training.
 import torch
 from torch import nn
 
+from ...distributed import all_reduce, rank_and_world_size
+
 
 class RunningMoments(nn.Module):
     """Per-dimension running mean and variance (Chan et al.'s parallel update), kept as buffers so checkpoints hold
@@ -23,16 +25,30 @@ class RunningMoments(nn.Module):
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        n = x.shape[0]
-        if n == 0:
-            return
-        batch_mean = x.mean(0)
-        batch_squares = ((x - batch_mean) ** 2).sum(0)
+        """Add a batch `(n, dim)`. Under several processes (`accelerate launch`), the batches of all processes are
+        added at once, so that every process holds the moments of every input seen (as one process would)."""
+        _, world = rank_and_world_size()
+        if world > 1:
+            n, batch_mean, batch_squares = self._global_batch(x)
+        else:
+            n = x.shape[0]
+            if n == 0:
+                return
+            batch_mean = x.mean(0)
+            batch_squares = ((x - batch_mean) ** 2).sum(0)
         total = self.count + n
         shift = batch_mean - self.mean
         self.mean += shift * (n / total).float()
         self.sum_squares += batch_squares + shift**2 * (self.count * n / total).float()
         self.count.copy_(total)
+
+    def _global_batch(self, x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """Size, mean and sum of squared deviations of the union of every process's batch `x`."""
+        count = all_reduce(torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device))
+        total = all_reduce(x.double().sum(0))
+        mean = total / count.clamp(min=1)
+        squares = all_reduce(((x.double() - mean) ** 2).sum(0))
+        return int(count.item()), mean.to(x.dtype), squares.to(x.dtype)
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         if self.count >= 2:
