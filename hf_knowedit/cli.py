@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from .evaluation.cli import add_evaluate_parser, add_report_parser
+from .plan import add_plan_parser
 from .training.cli import add_train_editor_parser
 from .utils import parse_overrides
 
@@ -114,6 +115,7 @@ SUBCOMMAND_PARSERS = [
     add_evaluate_parser,
     add_report_parser,
     add_train_editor_parser,
+    add_plan_parser,
 ]
 """The functions that add the subcommands, in the order `--help` lists them; append new ones here."""
 
