@@ -110,9 +110,15 @@ def _lifetime_rss_peak() -> int:
 
 
 @contextlib.contextmanager
-def track_memory(keep_timeline: bool = False):
+def track_memory(tensors: bool = True, keep_timeline: bool = False):
     """Measure the tensor memory and resident memory a block of work takes; yields a :class:`MemoryMeasurement`,
     filled in when the block exits.
+
+    Args:
+        tensors (`bool`, *optional*, defaults to `True`): record the allocator's events for the tensor peak. The
+            profiler's event buffers take resident memory of their own (tens of MB per 100,000 events, and a few
+            hundred MB the first time it runs in a process), so measure RSS in a run with `tensors=False`.
+        keep_timeline (`bool`, *optional*, defaults to `False`): keep `(time_ns, bytes alive)` after every event.
 
     Example:
 
@@ -137,9 +143,11 @@ def track_memory(keep_timeline: bool = False):
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False)
-    with _quiet_profiler():
-        profiler.__enter__()
+    profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) if tensors \
+        else None
+    if profiler is not None:
+        with _quiet_profiler():
+            profiler.__enter__()
     # The profiler's own start-up memory counts in the starting RSS, not in the increase.
     resettable = _reset_rss_peak()
     measurement.rss_start_bytes = _status_bytes("VmRSS") or 0
@@ -147,26 +155,33 @@ def track_memory(keep_timeline: bool = False):
     try:
         yield measurement
     finally:
-        with _quiet_profiler():
-            profiler.__exit__(None, None, None)
+        if profiler is not None:
+            with _quiet_profiler():
+                profiler.__exit__(None, None, None)
         measurement.rss_peak_bytes = (_status_bytes("VmHWM") if resettable else None) or _lifetime_rss_peak()
         if cuda:
             measurement.cuda_peak_bytes = int(torch.cuda.max_memory_allocated())
-        events = sorted(
-            (event.start_ns(), event.nbytes())
-            for event in profiler.profiler.kineto_results.events()
-            if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU
-        )
-        running = peak = 0
-        timeline = []
-        for time_ns, nbytes in events:
-            running += nbytes
-            peak = max(peak, running)
-            if keep_timeline:
-                timeline.append((time_ns, running))
-        measurement.peak_tensor_bytes = peak
-        measurement.num_events = len(events)
-        measurement.timeline = timeline
+        if profiler is not None:
+            _read_events(profiler, measurement, keep_timeline)
+
+
+def _read_events(profiler, measurement: MemoryMeasurement, keep_timeline: bool) -> None:
+    """The running sum of the CPU allocator's events, in time order: its maximum is the tensor peak."""
+    events = sorted(
+        (event.start_ns(), event.nbytes())
+        for event in profiler.profiler.kineto_results.events()
+        if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU
+    )
+    running = peak = 0
+    timeline = []
+    for time_ns, nbytes in events:
+        running += nbytes
+        peak = max(peak, running)
+        if keep_timeline:
+            timeline.append((time_ns, running))
+    measurement.peak_tensor_bytes = peak
+    measurement.num_events = len(events)
+    measurement.timeline = timeline
 
 
 @contextlib.contextmanager

@@ -34,12 +34,14 @@ of every method on the default model.
 Example:
 
 ```python
->>> from hf_knowedit.plan import estimate_peak_memory
+>>> from hf_knowedit.plan import RequestShape, estimate_peak_memory
 >>> from tests.tiny_models import tiny_model
->>> plan = estimate_peak_memory("ft", tiny_model("llama"))
->>> plan.components["weights"] == sum(p.numel() for p in tiny_model("llama").parameters()) * 4
-True
->>> plan.total_bytes > plan.components["weights"]
+>>> shape = RequestShape(prompt_tokens=10, target_tokens=2)
+>>> plan = estimate_peak_memory("ft", tiny_model("llama"), request_shape=shape)
+>>> plan.peak_phase, sorted(plan.components)
+('fine-tuning step (backward)', ['activations', 'gradients', 'logits and loss', 'optimizer states', \
+'trainable parameters', 'weights'])
+>>> plan.total_bytes == sum(plan.components.values())
 True
 
 ```
