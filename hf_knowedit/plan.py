@@ -299,11 +299,11 @@ def _read_config(name: str):
         raise ArtifactError(f"{path} holds no config.json: it is not a transformers model folder.")
     try:
         return AutoConfig.from_pretrained(str(path) if path.exists() else name, local_files_only=True)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError):
         raise ArtifactError(
-            f"The model {name!r} was not found locally (no folder of that name, not in the Hugging Face cache): "
-            f"{error}. Planning reads configs from local files only; download the model first (e.g. "
-            f"`huggingface-cli download {name} config.json`), or give a local path."
+            f"The model {name!r} was not found locally: there is no folder of that name, and its config is not in "
+            "the Hugging Face cache. Planning reads configs from local files only; download the model's config first "
+            f"(`hf download {name} config.json`), or give a local path."
         ) from None
 
 
@@ -451,6 +451,11 @@ class _Sizes:
         log-softmax, its incoming gradient and its input gradient, `(rows, vocab)` in fp32, and the logits when the
         caller keeps them."""
         return 3 * self.logits32(rows) + (self.logits(rows) if logits_held else 0)
+
+    def fingerprint_copy(self, numel: int) -> int:
+        """Fingerprinting a weight (`hf_knowedit.fingerprint.tensor_digest`) takes its fp32 norm: a copy unless the
+        model is in fp32. (Its SHA-256 reads a `bytes` copy of the weight too, which is not tensor memory.)"""
+        return 0 if self.b == FP32 else numel * FP32
 
     def scoring_head(self, tokens: int) -> int:
         """Peak of `BatchScorer.score_targets` on `tokens` tokens: the logits, the aligned copy read for the argmax
@@ -735,9 +740,8 @@ def _plan_kn(ctx: _Context) -> list[Phase]:
     held = {"output_embedding_fp32": embedding, "attributions": attributions}
     # Integrated gradients of the first layer: `steps` scaled copies of the prompt, every later block in the graph.
     # The logits' gradient is as large as the full logits; in fp32 the logits themselves stay alive too (the
-    # probability is read through a view of them). In half precision `.float()` copies the read position and the
-    # logits go, but the head's backward takes about as much again in working memory (measured on CPU).
-    full_logits = 2 * sizes.logits(tokens)
+    # probability is read through a view of them), in half precision `.float()` copies the read position instead.
+    full_logits = (2 if sizes.b == FP32 else 1) * sizes.logits(tokens)
     ig = ctx.weights_phase(
         f"integrated gradients (layer {first}, {steps} steps)", **held,
         activations=sizes.blocks_saved(spec.num_layers - first - 1, tokens, longest) + sizes.hidden(tokens)
@@ -832,7 +836,10 @@ def _gradient_editor_phases(ctx: _Context, network_bytes: Callable[[Any, list], 
     network = network_bytes(trained, shapes)
     on_disk = _editor_state_bytes(ctx)
     loading = on_disk if on_disk is not None else 0
-    phases = [ctx.weights_phase("editor network: loading", editor_network=network, editor_tensors_read=loading)]
+    # A trained editor is checked against the base model: the weights it edits are fingerprinted, one at a time.
+    check = sizes.fingerprint_copy(max(o * i for o, i in shapes)) if on_disk is not None else 0
+    phases = [ctx.weights_phase("editor network: loading", editor_network=network, editor_tensors_read=loading,
+                                fingerprint_copy=check)]
     sequence = max(ctx.edit_lengths())
     tokens = ctx.num_requests * sequence
     first = min(layers)
@@ -869,8 +876,12 @@ def _plan_serac(ctx: _Context) -> list[Phase]:
     on_disk = _editor_state_bytes(ctx)
     # Building a ScopeClassifier initialises its projection from an identity matrix, a temporary of its size; the
     # edit memory builds its own copy of the classifier while the loaded one is alive.
+    # A trained classifier is checked against the base model by fingerprinting the input embedding (and one MLP
+    # weight), one at a time.
+    check = sizes.fingerprint_copy(spec.vocab_size * d) if on_disk is not None else 0
     loading = ctx.weights_phase("scope classifier: loading", scope_classifier=classifier,
-                                classifier_tensors_read=on_disk or 0, identity_init=d * d * FP32)
+                                classifier_tensors_read=on_disk or 0, identity_init=d * d * FP32,
+                                fingerprint_copy=check)
     tokens = ctx.num_requests * max(s.prompt_tokens for s in ctx.shapes)
     features = ctx.weights_phase("scope features", scope_classifier=classifier,
                                  forward_temporaries=sizes.block_forward(tokens) + sizes.hidden(tokens, FP32))
@@ -962,6 +973,11 @@ def _plan_ike(ctx: _Context) -> list[Phase]:
 
 
 # -- after every method: the half-precision check; evaluation --------------------------------------------------------
+def _largest_weight(spec: ModelSpec) -> int:
+    """The largest weight an edit touches: an MLP projection, or FT's attention output projection."""
+    return max(spec.hidden_size * spec.intermediate_size, spec.hidden_size * spec.q_dim)
+
+
 def _precision_check_phase(ctx: _Context, components: int) -> Phase:
     """On fp16/bf16 models, `EditedModel.add_edits` scores the edited targets before and after installing the edit
     (`hf_knowedit.precision`): one `score_targets` call over the checked requests' prompts and targets."""
@@ -1124,7 +1140,11 @@ def estimate_peak_memory(
                    statistics_cached, tokenizer, {}, [], all_shapes, requests is not None)
     phases = MEMORY_PLANNERS[config.edit_type](ctx)
     if dtype_name in HALF_DTYPES:
-        phases.append(_precision_check_phase(ctx, _edit_components_bytes(ctx, phases)))
+        components = _edit_components_bytes(ctx, phases)
+        # The edit's base model is fingerprinted by the weights it touches (at most an MLP weight at a time).
+        phases.append(ctx.weights_phase("fingerprint of the edited weights", edit_components=components,
+                                        fingerprint_copy=ctx.sizes.fingerprint_copy(_largest_weight(spec))))
+        phases.append(_precision_check_phase(ctx, components))
     if mode == "evaluate":
         components = _edit_components_bytes(ctx, phases)
         phases = _scoring_phases(ctx, scorer_batch_size, fluency_tokens, 0, after=False) + phases \
