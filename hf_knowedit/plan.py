@@ -479,7 +479,7 @@ class _Context:
     assumptions: dict[str, Any]
     notes: list[str]
     all_shapes: list[RequestShape] = field(default_factory=list)  # every request given (evaluation scores them)
-    from_requests: bool = False
+    requests: list = field(default_factory=list)  # the requests themselves, when given
 
     @property
     def num_requests(self) -> int:
@@ -1021,6 +1021,36 @@ def _scored_lengths(ctx: _Context, shapes: list[RequestShape], routed: bool) -> 
     return lengths
 
 
+def _scorer_batch_tokens(ctx: _Context, requests: list, batch_size: int, routed: bool) -> int:
+    """The tokens of the largest padded batch `BatchScorer.score_targets` makes of the cases' pairs, replayed: the
+    pairs `score_cases` asks for, in the scorer's order (by characters), cut into batches of `batch_size`, each
+    padded to its longest row (with SERAC's or IKE's context before the edited cases' own prompts, after the edit)."""
+    from .tokenization import split_prompt_target
+
+    pairs: dict[tuple[str, str], int] = {}  # (prompt, target) -> context tokens
+    for request, shape in zip(requests, ctx.all_shapes, strict=False):
+        context = _routing_context_tokens(ctx, shape) if routed else 0
+        for prompt in [request.filled_prompt, *request.rephrase_prompts]:
+            for target in (request.target_new, request.target_true):
+                if target:
+                    pairs.setdefault((prompt, target), context)
+        for probe in request.locality:
+            if probe.answers:
+                for target in (probe.answers[0], request.target_new):
+                    pairs.setdefault((probe.prompt, target), 0)
+        for probe in request.portability:
+            if probe.answers:
+                pairs.setdefault((probe.prompt, probe.answers[0]), 0)
+    items = list(pairs.items())
+    order = sorted(range(len(items)), key=lambda i: (len(items[i][0][0]) + len(items[i][0][1]), i))
+    largest = 1
+    for start in range(0, len(order), batch_size):
+        rows = [items[i] for i in order[start : start + batch_size]]
+        width = max(sum(len(ids) for ids in split_prompt_target(ctx.tokenizer, p, t)) + c for (p, t), c in rows)
+        largest = max(largest, len(rows) * width)
+    return largest
+
+
 def _largest_batch(lengths: list[int], batch_size: int, full: bool) -> tuple[int, int]:
     """`(rows, tokens)` of the largest padded batch the scorer makes of `lengths`: as many rows as it batches, each
     as long as the longest (an upper bound: it sorts by characters, which only roughly orders tokens); with `full`,
@@ -1038,8 +1068,12 @@ def _scoring_phases(ctx: _Context, scorer_batch_size: int, fluency_tokens: int, 
     """
     sizes, spec = ctx.sizes, ctx.spec
     shapes = (ctx.shapes if after else ctx.all_shapes)[:scorer_batch_size]
-    full = not ctx.from_requests
-    rows, tokens = _largest_batch(_scored_lengths(ctx, shapes, routed=after), scorer_batch_size, full)
+    full = not ctx.requests
+    if ctx.requests and ctx.tokenizer is not None and not spec.is_encoder_decoder:
+        cases = ctx.requests[: len(ctx.shapes)] if after else ctx.requests[:scorer_batch_size]
+        tokens = _scorer_batch_tokens(ctx, cases, scorer_batch_size, routed=after)
+    else:
+        tokens = _largest_batch(_scored_lengths(ctx, shapes, routed=after), scorer_batch_size, full)[1]
     head = sizes.scoring_head(tokens)
     if after and any(_routing_context_tokens(ctx, s) for s in shapes):
         head += sizes.logits(tokens)  # the routed call reads its logits back into a tensor of the prompts' shape
@@ -1133,11 +1167,12 @@ def estimate_peak_memory(
         tokenizer = _local_tokenizer(model)
     if tokenizer is None and config.edit_type == "tpatcher":
         tokenizer = _local_tokenizer(model, required=False)
-    all_shapes = _request_shapes(requests, tokenizer, request_shape, batch_size,
-                                 limit=max(batch_size, scorer_batch_size) if mode == "evaluate" else batch_size)
+    limit = max(batch_size, scorer_batch_size) if mode == "evaluate" else batch_size
+    requests = None if requests is None else _as_request_list(requests)[:limit]
+    all_shapes = _request_shapes(requests, tokenizer, request_shape, batch_size)
     shapes = all_shapes[:batch_size]
     ctx = _Context(config.edit_type, config, spec, _Sizes(spec, DTYPE_BYTES[dtype_name]), shapes, mode,
-                   statistics_cached, tokenizer, {}, [], all_shapes, requests is not None)
+                   statistics_cached, tokenizer, {}, [], all_shapes, requests or [])
     phases = MEMORY_PLANNERS[config.edit_type](ctx)
     if dtype_name in HALF_DTYPES:
         components = _edit_components_bytes(ctx, phases)
@@ -1228,13 +1263,15 @@ def _local_tokenizer(model, required: bool = True):
                             "requests' tokens, or give request_shape instead of requests.") from None
 
 
-def _request_shapes(requests, tokenizer, shape: RequestShape | None, batch_size: int,
-                    limit: int) -> list[RequestShape]:
-    if requests is None:
-        return [shape or RequestShape()] * batch_size
+def _as_request_list(requests) -> list:
     from .requests import as_requests
 
-    requests = as_requests(requests)[:limit]
+    return as_requests(requests)
+
+
+def _request_shapes(requests, tokenizer, shape: RequestShape | None, batch_size: int) -> list[RequestShape]:
+    if requests is None:
+        return [shape or RequestShape()] * batch_size
     if not requests:
         raise EditConfigError("requests is empty: give at least one request to plan for.")
     shapes = [RequestShape.from_request(r, tokenizer) for r in requests]
