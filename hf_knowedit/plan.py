@@ -26,7 +26,10 @@ touches, and adds up what the method holds at each phase of its work, in bytes:
 The peak is the largest of the phases' totals; :class:`MemoryPlan` keeps the breakdown of that phase and the total
 of every phase. How long the prompts are decides the activations and logits: by default a request of 16 prompt
 tokens and 4 target tokens (:class:`RequestShape`); pass `requests` (with a tokenizer, or for a local model whose
-tokenizer loads from its files) to plan for real requests.
+tokenizer loads from its files) to plan for real requests. On fp16/bf16 models the plan adds what `add_edits` does
+there besides (the fp32 copies of fingerprinting, the scoring of the precision check). With `mode="evaluate"` it adds
+the scoring before and after the edit that `hf-knowedit evaluate` does: with `requests`, the scorer's batches of those
+cases are replayed (its order and padding); without, full batches of the longest probe are assumed.
 
 `benchmarks/bench_plan.py` compares the estimates with the measured peaks (:func:`hf_knowedit.memory.track_memory`)
 of every method on the default model.
@@ -62,10 +65,7 @@ from torch import nn
 
 from .config import EditConfig, build_config, get_config_class
 from .errors import ArtifactError, EditConfigError
-from .utils import get_logger
 
-
-logger = get_logger(__name__)
 
 MODES = ("edit", "evaluate")
 DEVICES = ("cpu", "cuda")

