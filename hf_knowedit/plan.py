@@ -667,13 +667,14 @@ def _plan_rome(ctx: _Context) -> list[Phase]:
         # check_nonsingular: eigvalsh of the symmetrised fp64 copy (the copy, the symmetrised matrix, LAPACK's own).
         phases.append(ctx.weights_phase("statistics: invertibility check", **held,
                                         statistics_fp64_copies=3 * d_k * d_k * FP64))
-    update = 0
-    # Requests are edited one after the other: the largest request decides the peak; the update grows by rank one.
-    for shape in sorted(ctx.shapes, key=lambda s: s.prompt_tokens + s.target_tokens)[-1:]:
-        current = {**held, "edit_components": update}
-        phases.append(_keys_phase(ctx, [shape], current))
-        phases += _value_phases(ctx, [shape], layer, current)
-    update = ctx.num_requests * (spec.hidden_size + d_k) * FP32
+    # Requests are edited one after the other, each on top of the rank-one updates of the previous ones: the longest
+    # request decides the peak.
+    longest = max(ctx.shapes, key=lambda s: s.prompt_tokens + s.target_tokens)
+    rank_one = (spec.hidden_size + d_k) * FP32
+    current = {**held, "edit_components": (ctx.num_requests - 1) * rank_one}
+    phases.append(_keys_phase(ctx, [longest], current))
+    phases += _value_phases(ctx, [longest], layer, current)
+    update = ctx.num_requests * rank_one
     solve = 2 * d_k * d_k * FP64 if config.mom2_adjustment else 0  # C in fp64 and its LU factors
     phases.append(ctx.weights_phase("rank-one solve (Eq. 2)", **held, statistics_fp64_copies=solve,
                                     edit_components=update))
@@ -772,11 +773,15 @@ def _editor_state_bytes(ctx: _Context) -> int | None:
 
 
 def _safetensors_bytes(path: Path) -> int:
-    with open(path, "rb") as file:
-        (length,) = struct.unpack("<Q", file.read(8))
-        header = json.loads(file.read(length))
-    return sum(end - start for key, value in header.items() if key != "__metadata__"
-               for start, end in [value["data_offsets"]])
+    """The bytes of the tensors of a safetensors file, from its header."""
+    try:
+        with open(path, "rb") as file:
+            (length,) = struct.unpack("<Q", file.read(8))
+            header = json.loads(file.read(length))
+        return sum(end - start for key, value in header.items() if key != "__metadata__"
+                   for start, end in [value["data_offsets"]])
+    except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError):
+        raise ArtifactError(f"{path} is not a readable safetensors file; save the editor again.") from None
 
 
 def _trained_config(ctx: _Context):
@@ -1314,6 +1319,10 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--target-tokens", type=int, default=4, help="Tokens per target (without --requests).")
     parser.add_argument("--rephrase-tokens", type=int, nargs="*", default=[],
                         help="Tokens of each rephrased prompt (without --requests).")
+    parser.add_argument("--scorer-batch-size", type=int, default=_SCORER_BATCH_SIZE,
+                        help="With --mode evaluate: prompts per scoring pass (as hf-knowedit evaluate's).")
+    parser.add_argument("--fluency-tokens", type=int, default=_FLUENCY_TOKENS,
+                        help="With --mode evaluate: greedy tokens generated for fluency (0: none).")
     parser.add_argument("--json", action="store_true", help="Print the plan as JSON instead of a table.")
     parser.set_defaults(func=run_plan)
     return parser
@@ -1335,12 +1344,15 @@ def run_plan(args) -> int:
     if args.requests:
         if not Path(args.requests).expanduser().exists():
             raise EditConfigError(f"--requests {args.requests} does not exist.")
-        requests = load_edit_dataset(args.requests, n=args.batch_size)
+        # An evaluation scores a chunk of cases before editing: plan for as many as it takes at once.
+        n = args.batch_size if args.mode == "edit" else max(args.batch_size, args.scorer_batch_size)
+        requests = load_edit_dataset(args.requests, n=n)
     shape = RequestShape(prompt_tokens=args.prompt_tokens, target_tokens=args.target_tokens,
                          rephrase_tokens=list(args.rephrase_tokens))
     plan = estimate_peak_memory(method_or_config, args.model, overrides=overrides, batch_size=args.batch_size,
                                 mode=args.mode, dtype=args.dtype, device=args.device, requests=requests,
-                                request_shape=shape)
+                                request_shape=shape, scorer_batch_size=args.scorer_batch_size,
+                                fluency_tokens=args.fluency_tokens)
     print(json.dumps(plan.to_dict(), indent=2, sort_keys=True) if args.json else plan.table())
     return 0
 

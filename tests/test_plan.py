@@ -185,3 +185,22 @@ def test_reads_the_default_model_without_its_weights():
     assert (spec.name, spec.model_type, spec.num_layers) == ("HuggingFaceTB/SmolLM2-135M-Instruct", "llama", 30)
     assert spec.num_parameters == 134_515_008  # the tied embedding counted once
     assert spec.mlp_gated and spec.rms_norm and spec.kv_dim == 192
+
+
+@pytest.mark.parametrize("method", ["mend", "serac"])
+def test_trained_editor_on_disk_is_read_from_its_header(method, tmp_path):
+    from hf_knowedit.training import TrainedEditor
+    from hf_knowedit.training.spec import get_trainable_editor
+
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    spec = get_trainable_editor(method)(build_config(method, None, {"editor": "untrained"}), model, tokenizer)
+    TrainedEditor.from_spec(spec, spec.build_trainable()).save_pretrained(tmp_path / "editor")
+    config = build_config(method, None, {"editor": str(tmp_path / "editor")})
+    plan = estimate_peak_memory(config, model, requests=[REQUEST], tokenizer=tokenizer)
+    loading = next(name for name in plan.phases if name.endswith("loading"))
+    assert plan.phases[loading] > estimate_peak_memory(method, model, overrides={"editor": "untrained"},
+                                                       requests=[REQUEST], tokenizer=tokenizer).phases[loading]
+    edited = EditedModel(model, tokenizer)
+    with track_memory() as measured:  # loading a trained editor holds its tensors and the built network at once
+        edited.add_edits(config, [REQUEST])
+    assert plan.working_bytes == pytest.approx(measured.peak_tensor_bytes, rel=0.25)
