@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from .evaluation.cli import add_evaluate_parser, add_report_parser
-from .plan import add_plan_parser
+from .plan_cli import add_plan_parser
 from .training.cli import add_train_editor_parser
 from .utils import parse_overrides
 

@@ -50,7 +50,6 @@ True
 ```
 """
 
-import argparse
 import dataclasses
 import json
 import os
@@ -79,8 +78,8 @@ _ACTIVATION_KEYS = ("hidden_act", "activation_function", "hidden_activation", "f
 # T-Patcher's built-in out-of-scope prompts, when no tokenizer is at hand to count their tokens.
 _DEFAULT_MEMORY_PROMPT_TOKENS = 9
 _STATISTICS_BATCH_TOKENS = 4096  # LayerStatistics.compute's default `batch_tokens`
-_SCORER_BATCH_SIZE = 32  # hf-knowedit evaluate's default `--scorer-batch-size`
-_FLUENCY_TOKENS = 50  # and `--fluency-tokens`
+DEFAULT_SCORER_BATCH_SIZE = 32  # hf-knowedit evaluate's default `--scorer-batch-size`
+DEFAULT_FLUENCY_TOKENS = 50  # and `--fluency-tokens`
 
 
 # -- what the plan is made from ----------------------------------------------------------------------------------
@@ -990,7 +989,7 @@ def _precision_check_phase(ctx: _Context, components: int) -> Phase:
 
     checked = ctx.shapes[:MAX_CHECKED_REQUESTS]
     batches = _chunks(sorted(ctx.edit_lengths(checked) if not ctx.spec.is_encoder_decoder
-                             else [s.target_tokens for s in checked]), _SCORER_BATCH_SIZE)
+                             else [s.target_tokens for s in checked]), DEFAULT_SCORER_BATCH_SIZE)
     tokens = max(len(batch) * max(batch) for batch in batches)
     return ctx.weights_phase("half-precision check (scoring the targets)", edit_components=components,
                              scoring_logits=ctx.sizes.scoring_head(tokens))
@@ -1110,8 +1109,8 @@ def estimate_peak_memory(
     request_shape: RequestShape | None = None,
     tokenizer=None,
     statistics_cached: bool | None = None,
-    scorer_batch_size: int = _SCORER_BATCH_SIZE,
-    fluency_tokens: int = _FLUENCY_TOKENS,
+    scorer_batch_size: int = DEFAULT_SCORER_BATCH_SIZE,
+    fluency_tokens: int = DEFAULT_FLUENCY_TOKENS,
 ) -> MemoryPlan:
     """Estimate the peak memory of editing (or evaluating) with a method, before loading the model's weights.
 
@@ -1291,79 +1290,12 @@ def _short(value) -> str:
     return str(value)
 
 
-# -- command line ----------------------------------------------------------------------------------------------------
-def add_plan_parser(subparsers) -> argparse.ArgumentParser:
-    """Add `hf-knowedit plan`: print the estimated peak memory of an edit or evaluation run, and its breakdown."""
-    from .config import EDIT_METHODS
-
-    parser = subparsers.add_parser(
-        "plan",
-        help="Estimate the peak memory of an edit or evaluation run before loading the model.",
-        description="Estimate the peak memory of editing (or evaluating) with a method from the method's config and "
-        "the model's config (read from local files; no weight is loaded), and print its breakdown by component "
-        "(weights, activations, logits, optimizer states, statistics, editor networks) and the total of each phase.",
-    )
-    parser.add_argument("--method", choices=sorted(EDIT_METHODS), default=None,
-                        help="Editing method (default: the edit_type of --config).")
-    parser.add_argument("--model", default="default", help="Model id or local path (default: the embedded model).")
-    parser.add_argument("--config", metavar="CONFIG.json", help="A JSON edit config or a saved edit's folder.")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="Override a config field; VALUE is read as JSON, else as a string.")
-    parser.add_argument("--batch-size", type=int, default=1, help="Requests edited at once (default: 1).")
-    parser.add_argument("--mode", choices=MODES, default="edit", help="Plan one edit, or an evaluation run.")
-    parser.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="float32", help="Dtype of the model.")
-    parser.add_argument("--device", choices=DEVICES, default="cpu", help="Where the run computes.")
-    parser.add_argument("--requests", metavar="FILE", default=None,
-                        help="Plan for the first --batch-size requests of a dataset file (their token counts).")
-    parser.add_argument("--prompt-tokens", type=int, default=16, help="Tokens per prompt (without --requests).")
-    parser.add_argument("--target-tokens", type=int, default=4, help="Tokens per target (without --requests).")
-    parser.add_argument("--rephrase-tokens", type=int, nargs="*", default=[],
-                        help="Tokens of each rephrased prompt (without --requests).")
-    parser.add_argument("--scorer-batch-size", type=int, default=_SCORER_BATCH_SIZE,
-                        help="With --mode evaluate: prompts per scoring pass (as hf-knowedit evaluate's).")
-    parser.add_argument("--fluency-tokens", type=int, default=_FLUENCY_TOKENS,
-                        help="With --mode evaluate: greedy tokens generated for fluency (0: none).")
-    parser.add_argument("--json", action="store_true", help="Print the plan as JSON instead of a table.")
-    parser.set_defaults(func=run_plan)
-    return parser
-
-
-def run_plan(args) -> int:
-    """Run `hf-knowedit plan`."""
-    from .data import load_edit_dataset
-    from .utils import parse_overrides
-
-    if not args.method and not args.config:
-        raise EditConfigError("Give --method (e.g. rome) or --config FILE.")
-    method_or_config = args.config if args.config else args.method
-    overrides = parse_overrides(args.overrides)
-    if args.config and args.method:
-        config = build_config(args.method, args.config, overrides)
-        method_or_config, overrides = config, None
-    requests = None
-    if args.requests:
-        if not Path(args.requests).expanduser().exists():
-            raise EditConfigError(f"--requests {args.requests} does not exist.")
-        # An evaluation scores a chunk of cases before editing: plan for as many as it takes at once.
-        n = args.batch_size if args.mode == "edit" else max(args.batch_size, args.scorer_batch_size)
-        requests = load_edit_dataset(args.requests, n=n)
-    shape = RequestShape(prompt_tokens=args.prompt_tokens, target_tokens=args.target_tokens,
-                         rephrase_tokens=list(args.rephrase_tokens))
-    plan = estimate_peak_memory(method_or_config, args.model, overrides=overrides, batch_size=args.batch_size,
-                                mode=args.mode, dtype=args.dtype, device=args.device, requests=requests,
-                                request_shape=shape, scorer_batch_size=args.scorer_batch_size,
-                                fluency_tokens=args.fluency_tokens)
-    print(json.dumps(plan.to_dict(), indent=2, sort_keys=True) if args.json else plan.table())
-    return 0
-
-
 __all__ = [
     "MEMORY_PLANNERS",
     "MemoryPlan",
     "ModelSpec",
     "Phase",
     "RequestShape",
-    "add_plan_parser",
     "estimate_peak_memory",
     "read_model_spec",
     "register_memory_planner",
