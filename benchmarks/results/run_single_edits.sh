@@ -1,0 +1,44 @@
+#!/bin/bash
+# Results queue for docs/results.md: every method on CounterFact and zsRE, single edits, first a small n for every
+# method, then grown to 200 (the harness resumes a run whose n grows in single mode).
+# Usage: SIZES="25 200" [METHODS="name:config ..."] [TRAIN_AT=25] benchmarks/results/run_single_edits.sh  (this page's runs:
+# SIZES=25; MEND and KE are trained first when their editors are missing, with 8-minute budgets; see train_editors.sh).
+cd "$(dirname "$0")/../.."
+export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_KNOWEDIT_DISABLE_PROGRESS_BARS=1
+export HF_KNOWEDIT_DATA_DIR=../shared/data HF_KNOWEDIT_STATS_CORPUS=../shared/data/wikitext
+CF=../shared/data/counterfact_easyedit/counterfact-edit.json
+ZS=../shared/data/knowedit/ZsRE-test-all.json
+run() {  # run NAME CONFIG DATASET_TAG N
+  local name=$1 config=$2 tag=$3 n=$4 data
+  if [ $tag = counterfact ]; then data=$CF; else data=$ZS; fi
+  mkdir -p runs/$tag/${name}_single
+  echo "$(date) start runs/$tag/${name}_single n=$n"
+  .venv/bin/hf-knowedit evaluate --config $config --dataset $data --n $n --mode single --fluency-tokens 0 \
+     --protocols token_accuracy,prob_comparison --output runs/$tag/${name}_single
+  echo "$(date) end runs/$tag/${name}_single rc=$?"
+}
+train() {  # train METHOD MINUTES
+  echo "$(date) start training $1"
+  .venv/bin/hf-knowedit train-editor --method $1 \
+    --dataset ../shared/data/counterfact_easyedit/counterfact-train.json --n 2000 \
+    --output runs/$1-smollm2 --max-minutes $2 \
+    --set validation_size=16 --set eval_every=50 --set save_every=50 --set log_every=10
+  echo "$(date) end training $1 rc=$?"
+}
+ALL="ike:editing_configs/ike/counterfact.json grace:editing_configs/grace/default.json serac:editing_configs/serac/llama.json rome:editing_configs/rome/llama.json memit:editing_configs/memit/llama.json alphaedit:editing_configs/alphaedit/llama.json kn:editing_configs/kn/llama.json tpatcher:editing_configs/tpatcher/default.json calinet:editing_configs/calinet/default.json"
+while [ -n "$WAIT" ] && kill -0 $WAIT 2>/dev/null; do sleep 5; done
+for n in ${SIZES:-40 200}; do
+  for spec in ${METHODS:-$ALL}; do
+    IFS=: read name config <<< "$spec"
+    for tag in counterfact zsre; do run $name $config $tag $n; done
+  done
+  if [ $n = ${TRAIN_AT:-40} ]; then
+    [ -f runs/mend-smollm2/editor/editor_weights.safetensors ] || train mend 8
+    [ -f runs/ke-smollm2/editor/editor_weights.safetensors ] || train ke 8
+  fi
+  for spec in mend:editing_configs/mend/llama.json ke:editing_configs/ke/llama.json; do
+    IFS=: read name config <<< "$spec"
+    for tag in counterfact zsre; do run $name $config $tag $n; done
+  done
+done
+echo "$(date) queue done"
