@@ -1,7 +1,9 @@
 """Rebuild the tables of docs/results.md (between its <!-- ... --> markers) from every run under runs/; run from the
 project root after benchmarks/results/run_single_edits.sh."""
-import re, subprocess, sys
+import re
+import subprocess
 from pathlib import Path
+
 
 runs = sorted(str(p.parent) for p in Path("runs").glob("*/*/summary.json"))
 tables = {}
@@ -17,6 +19,7 @@ for protocol in ("token_accuracy", "prob_comparison"):
         tables["all"] = re.sub(r"`(\.\./)+(work/main/)?runs/", "`runs/", tables["all"])
 doc = Path("docs/results.md").read_text()
 for key, table in tables.items():
-    doc = re.sub(rf"(<!-- {key} -->\n).*?(<!-- /{key} -->)", lambda m: m.group(1) + table + m.group(2), doc, flags=re.S)
+    doc = re.sub(rf"(<!-- {key} -->\n).*?(<!-- /{key} -->)", lambda m, table=table: m.group(1) + table + m.group(2), doc,
+                 flags=re.S)
 Path("docs/results.md").write_text(doc)
 print("runs:", len(runs))
