@@ -19,7 +19,7 @@ for protocol in ("token_accuracy", "prob_comparison"):
         tables["all"] = re.sub(r"`(\.\./)+(work/main/)?runs/", "`runs/", tables["all"])
 doc = Path("docs/results.md").read_text()
 for key, table in tables.items():
-    doc = re.sub(rf"(<!-- {key} -->\n).*?(<!-- /{key} -->)", lambda m, table=table: m.group(1) + table + m.group(2), doc,
-                 flags=re.S)
+    pattern = rf"(<!-- {key} -->\n).*?(<!-- /{key} -->)"
+    doc = re.sub(pattern, lambda m, table=table: m.group(1) + table + m.group(2), doc, flags=re.S)
 Path("docs/results.md").write_text(doc)
 print("runs:", len(runs))
