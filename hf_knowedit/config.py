@@ -115,6 +115,12 @@ class EditConfig:
             layout.check_layer(layer, field=f"{type(self).__name__}.layers")
         return list(self.layers)
 
+    @property
+    def raises_target_new(self) -> bool:
+        """Whether the edit aims to make `target_new` more likely (the half-precision check tests that it did); a
+        method that erases knowledge instead returns `False`."""
+        return True
+
     def default_layers(self, layout) -> list[int]:
         """The layers a method edits when `layers` is None; methods override this."""
         return layout.default_layers()

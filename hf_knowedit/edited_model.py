@@ -185,7 +185,7 @@ class EditedModel(nn.Module):
             components = editor.compute_components(self, requests)
         seconds = time.perf_counter() - start
         components = self._validate_components(components)
-        half = self._half_precision_dtype()
+        half = self._half_precision_dtype() if config.raises_target_new else None
         before = target_log_probs(self, self.tokenizer, requests) if half else None
         fingerprint = model_fingerprint(self.base_model, self._original_tensors(components))
         if config.base_model_name_or_path is None:

@@ -8,23 +8,18 @@ import torch
 
 from hf_knowedit import EditedModel
 from hf_knowedit.methods.ft import FTConfig
+from hf_knowedit.methods.kn import KNConfig
 from hf_knowedit.precision import PrecisionWarning, check_merge_effect, target_log_probs
 
-from .test_locate_then_edit import REQUESTS, WIKITEXT, fast_config, sharpened_model, target_probs
+from .test_locate_then_edit import REQUESTS, fast_config, sharpened_model, target_probs
 from .tiny_models import tiny_tokenizer
 
 
 HALF = [torch.bfloat16, torch.float16]
 TOKENIZER = tiny_tokenizer()
+pytestmark = pytest.mark.usefixtures("isolated_statistics_cache")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def statistics_cache(tmp_path_factory):
-    if not WIKITEXT.is_file():
-        pytest.skip(f"The statistics corpus {WIKITEXT} is missing.")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_KNOWEDIT_STATS_CACHE", str(tmp_path_factory.mktemp("stats")))
-        yield
 
 
 def edit_without_warnings(model, config, requests) -> EditedModel:
@@ -96,3 +91,11 @@ def test_merge_check_arithmetic():
     with pytest.warns(PrecisionWarning, match="float16"):
         lost = check_merge_effect(torch.float16, REQUESTS[:1], [-5.0], [-1.0], [-4.5])
     assert lost["lost"] == [0] and lost["kept_fraction"] == [0.125]
+
+
+def test_an_erasing_edit_is_not_checked_for_raising_the_target():
+    """KN's erase mode zeroes knowledge neurons; it does not aim at `target_new`, so no warning says it missed it."""
+    model = sharpened_model("llama").to(torch.bfloat16)
+    edited = edit_without_warnings(model, KNConfig(mode="erase", steps=4, layers=[2]), REQUESTS[:1])
+    assert "precision_check" not in edited.get_edit().stats
+    assert KNConfig(mode="erase").raises_target_new is False and KNConfig().raises_target_new is True

@@ -64,5 +64,9 @@ class KNConfig(EditConfig):
         if self.mode not in MODES:
             raise EditConfigError(f"KNConfig.mode must be one of {MODES}, got {self.mode!r}.")
 
+    @property
+    def raises_target_new(self) -> bool:
+        return self.mode == "edit"  # erasing zeroes the knowledge neurons; it does not aim at target_new
+
     def default_layers(self, layout):
         return list(range(layout.num_layers))
