@@ -18,3 +18,18 @@ import torch  # noqa: E402
 
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+import pytest  # noqa: E402
+
+from .helpers import WIKITEXT  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def isolated_statistics_cache(tmp_path_factory):
+    """Second-moment statistics cached in a folder of the test module's own (skipped without the WikiText corpus)."""
+    if not WIKITEXT.is_file():
+        pytest.skip(f"The statistics corpus {WIKITEXT} is missing.")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_KNOWEDIT_STATS_CACHE", str(tmp_path_factory.mktemp("stats")))
+        yield

@@ -1,10 +1,19 @@
 """Helpers shared by the edit tests: requests, forward passes, target probabilities and snapshots of a model."""
 
+import os
+from pathlib import Path
+
 import torch
 
 from hf_knowedit import EditRequest, FTConfig
 
-from .tiny_models import tiny_tokenizer
+from .tiny_models import tiny_model, tiny_tokenizer
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("HF_KNOWEDIT_DATA_DIR", ROOT.parent / "shared" / "data"))
+WIKITEXT = SHARED_DATA / "wikitext" / "wikitext-103.valid.tokens"
+COUNTERFACT_TRAIN = SHARED_DATA / "counterfact_easyedit" / "counterfact-train.json"
 
 
 REQUEST = EditRequest(prompt="The capital of {} is", subject="Atlantis", target_new="Paris")
@@ -16,6 +25,13 @@ BATCH = [
 # One tokenizer for every test: it is only read (building a copy takes a tenth of a second).
 TOKENIZER = tiny_tokenizer()
 PROBES = ["The capital of Atlantis is", "Miles Davis plays the", "A completely unrelated sentence about"]
+
+
+def save_tiny_model(directory: Path, arch: str = "llama") -> Path:
+    """Save a tiny model and the test tokenizer into `directory`, as a local model folder; returns it."""
+    tiny_model(arch).save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory
 
 
 def fast_ft(**kwargs) -> FTConfig:

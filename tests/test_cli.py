@@ -8,15 +8,13 @@ import torch
 from hf_knowedit import EditedModel
 from hf_knowedit.cli import build_parser, main
 
+from .helpers import save_tiny_model
 from .tiny_models import tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(directory)
-    tiny_tokenizer().save_pretrained(directory)
-    return directory
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
 EDIT_ARGS = ["--prompt", "The capital of {} is", "--subject", "Atlantis", "--target-new", "Paris"]

@@ -21,8 +21,8 @@ from hf_knowedit.methods.kn import KNConfig
 from hf_knowedit.methods.mend import MENDConfig
 from hf_knowedit.methods.serac import SERACConfig
 
-from .helpers import REQUEST, TOKENIZER, logits
-from .test_locate_then_edit import WIKITEXT, fast_config
+from .helpers import REQUEST, TOKENIZER, WIKITEXT, logits
+from .test_locate_then_edit import fast_config
 from .test_side_memory import CONFIGS as SIDE_MEMORY_CONFIGS
 from .tiny_models import tiny_model
 
@@ -39,15 +39,9 @@ CONFIGS = {
     **SIDE_MEMORY_CONFIGS,
 }
 DISPATCHES = ["split", "disk", "cpu_offload"]
+pytestmark = pytest.mark.usefixtures("isolated_statistics_cache")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def statistics_cache(tmp_path_factory):
-    if not WIKITEXT.is_file():
-        pytest.skip(f"The statistics corpus {WIKITEXT} is missing.")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_KNOWEDIT_STATS_CACHE", str(tmp_path_factory.mktemp("stats")))
-        yield
 
 
 def block_device_map(model: nn.Module, offload_every_other: bool) -> dict[str, str]:

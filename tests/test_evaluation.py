@@ -24,6 +24,7 @@ from hf_knowedit.evaluation.report import write_report
 from hf_knowedit.scoring import BatchScorer
 from hf_knowedit.utils import parse_overrides
 
+from .helpers import save_tiny_model
 from .tiny_models import tiny_model, tiny_tokenizer
 
 
@@ -305,9 +306,7 @@ def test_chat_template_bos_is_not_doubled():
 
 
 def test_model_loaded_by_the_harness_in_the_given_dtype_and_device_map(dataset, tmp_path):
-    model_dir = tmp_path / "tiny-llama"
-    tiny_model("llama").save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
+    model_dir = save_tiny_model(tmp_path / "tiny-llama")
     settings = EvaluationSettings(method="ft", config=dict(CONFIG), model=str(model_dir), dataset=dataset, n=2,
                                   fluency_tokens=0, protocols=["token_accuracy"], dtype="bfloat16", device_map="cpu")
     summary = run_evaluation(settings, tmp_path / "run")

@@ -7,8 +7,6 @@ tokens into a temporary cache; everything else uses few steps and prefixes, so t
 """
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,12 +19,12 @@ from hf_knowedit.methods.memit import MEMITConfig
 from hf_knowedit.methods.rome import ROMEConfig
 from hf_knowedit.tokenization import encode_prompt_target
 
+from .helpers import ROOT, WIKITEXT
 from .tiny_models import DECODER_ARCHITECTURES, tiny_model, tiny_tokenizer
 
 
-ROOT = Path(__file__).resolve().parents[1]
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext" / "wikitext-103.valid.tokens"
 CONFIGS_DIR = ROOT / "editing_configs"
+pytestmark = pytest.mark.usefixtures("isolated_statistics_cache")
 
 FAST = dict(v_num_grad_steps=15, v_lr=1.0, clamp_norm_factor=1e4, v_weight_decay=0.0, num_context_prefixes=2,
             context_prefix_length=4, mom2_num_tokens=2048, stats_corpus=str(WIKITEXT))
@@ -44,17 +42,6 @@ def fast_config(method: str, **kwargs):
                               "nullspace_relative": True, **kwargs})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def statistics_cache(tmp_path_factory):
-    if not WIKITEXT.is_file():
-        pytest.skip(f"The statistics corpus {WIKITEXT} is missing.")
-    old = os.environ.get("HF_KNOWEDIT_STATS_CACHE")
-    os.environ["HF_KNOWEDIT_STATS_CACHE"] = str(tmp_path_factory.mktemp("stats"))
-    yield
-    if old is None:
-        os.environ.pop("HF_KNOWEDIT_STATS_CACHE", None)
-    else:
-        os.environ["HF_KNOWEDIT_STATS_CACHE"] = old
 
 
 def sharpened_model(arch: str):

@@ -13,6 +13,7 @@ from hf_knowedit.errors import ArchitectureNotSupportedError, ArtifactError, Edi
 from hf_knowedit.memory import track_memory
 from hf_knowedit.plan import MEMORY_PLANNERS, RequestShape, estimate_peak_memory, read_model_spec
 
+from .helpers import save_tiny_model
 from .tiny_models import tiny_model, tiny_tokenizer
 
 
@@ -42,10 +43,7 @@ def llama():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(directory)
-    tiny_tokenizer().save_pretrained(directory)
-    return directory
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def weight_bytes(model) -> int:

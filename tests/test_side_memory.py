@@ -19,11 +19,11 @@ from hf_knowedit.methods.ike import IKEConfig
 from hf_knowedit.methods.ike.editor import load_demonstration_pool
 from hf_knowedit.methods.tpatcher import TPatcherConfig
 
-from .helpers import TOKENIZER, model_inputs, target_log_prob
+from .helpers import COUNTERFACT_TRAIN, TOKENIZER, model_inputs, target_log_prob
 from .tiny_models import tiny_model
 
 
-DATA = "/work/shared/data/counterfact_easyedit/counterfact-train.json"
+DATA = str(COUNTERFACT_TRAIN)
 REQUEST = EditRequest(prompt="The capital of {} is", subject="Atlantis", target_new="Paris")
 SECOND = EditRequest(prompt="{} plays the instrument", subject="Miles Davis", target_new="violin")
 IN_SCOPE = REQUEST.filled_prompt
