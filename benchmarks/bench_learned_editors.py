@@ -19,12 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-
-
-ROOT = Path(__file__).resolve().parent.parent
-DATA = Path(os.environ.get("HF_KNOWEDIT_DATA_DIR", ROOT.parent / "shared" / "data"))
-COUNTERFACT = DATA / "counterfact_easyedit" / "counterfact-edit.json"
-os.environ.setdefault("HF_KNOWEDIT_DISABLE_PROGRESS_BARS", "1")
+from paths import COUNTERFACT  # noqa: E402  (sets the benchmarks' environment first)
 
 
 def mean_log_prob(model, tokenizer, prompt: str, target: str) -> float:

@@ -19,17 +19,9 @@ import os
 import resource
 import statistics as pystats
 import time
-from pathlib import Path
 
 import torch
-
-
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-DATA = Path(os.environ.get("HF_KNOWEDIT_DATA_DIR", ROOT.parent / "shared" / "data"))
-COUNTERFACT = DATA / "counterfact_easyedit" / "counterfact-edit.json"
-os.environ.setdefault("HF_KNOWEDIT_STATS_CORPUS", str(DATA / "wikitext"))
-os.environ.setdefault("HF_KNOWEDIT_DISABLE_PROGRESS_BARS", "1")
+from paths import COUNTERFACT, ROOT  # noqa: E402  (sets the benchmarks' environment first)
 
 
 def mean_log_probs(model, tokenizer, prompts, targets, batch_size=32):

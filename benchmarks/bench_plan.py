@@ -44,14 +44,9 @@ import time
 from pathlib import Path
 
 import torch
+from paths import COUNTERFACT, ROOT  # noqa: E402  (sets the benchmarks' environment first)
 
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-DATA = Path(os.environ.get("HF_KNOWEDIT_DATA_DIR", ROOT.parent / "shared" / "data"))
-COUNTERFACT = DATA / "counterfact_easyedit" / "counterfact-edit.json"
-os.environ.setdefault("HF_KNOWEDIT_STATS_CORPUS", str(DATA / "wikitext"))
-os.environ.setdefault("HF_KNOWEDIT_DISABLE_PROGRESS_BARS", "1")
 METHODS = ["ft", "rome", "memit", "alphaedit", "kn", "mend", "ke", "serac", "tpatcher", "calinet", "grace", "ike"]
 MB = 1e6
 GOAL = 0.25  # the issue's goal: the estimate within 25% of the measured peak

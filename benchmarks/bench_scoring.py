@@ -10,17 +10,13 @@ runs use the same code, the only difference being `batch_size`; the outputs are 
 """
 
 import argparse
-import os
 import time
 
 import torch
+from paths import COUNTERFACT  # noqa: E402  (sets the benchmarks' environment first)
 
 from hf_knowedit import load_default_model, load_edit_dataset
 from hf_knowedit.scoring import BatchScorer
-
-
-DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "counterfact_easyedit",
-                            "counterfact-edit.json")
 
 
 def workload(requests):
@@ -51,7 +47,7 @@ def run(scorer, prompts, targets, gen_prompts, new_tokens, fluency_prompts, flue
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default=DEFAULT_DATA)
+    parser.add_argument("--dataset", default=str(COUNTERFACT))
     parser.add_argument("--cases", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=5, help="greedy tokens per generation (exact match)")

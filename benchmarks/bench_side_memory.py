@@ -15,17 +15,11 @@ SERAC needs a trained scope classifier (`serac_untrained` is the identity baseli
 
 import argparse
 import json
-import os
 import tempfile
 import time
-from pathlib import Path
 
 import torch
-
-
-ROOT = Path(__file__).resolve().parent.parent
-DATA = Path(os.environ.get("HF_KNOWEDIT_DATA_DIR", ROOT.parent / "shared" / "data")) / "counterfact_easyedit"
-os.environ.setdefault("HF_KNOWEDIT_DISABLE_PROGRESS_BARS", "1")
+from paths import COUNTERFACT, COUNTERFACT_TRAIN, ROOT  # noqa: E402  (sets the benchmarks' environment first)
 
 
 def mean_log_prob(model, tokenizer, prompt, target):
@@ -54,11 +48,11 @@ def main():
         "grace": GRACEConfig(),
         "tpatcher": TPatcherConfig(),
         "calinet": CaliNETConfig(),
-        "ike": IKEConfig(demonstrations_file=str(DATA / "counterfact-train.json"), num_demonstrations=8),
+        "ike": IKEConfig(demonstrations_file=str(COUNTERFACT_TRAIN), num_demonstrations=8),
         "serac": SERACConfig(editor=args.serac_editor),
         "serac_untrained": SERACConfig(editor="untrained"),
     }
-    records = json.loads((DATA / "counterfact-edit.json").read_text())[: args.n]
+    records = json.loads((COUNTERFACT).read_text())[: args.n]
     requests = [EditRequest(prompt=r["prompt"], subject=r["subject"], target_new=r["target_new"],
                             target_true=r["ground_truth"]) for r in records]
     model, tokenizer = load_default_model()
