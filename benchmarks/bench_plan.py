@@ -26,10 +26,9 @@ What "peak" means on CPU (see `hf_knowedit.memory.track_memory`):
 The RSS runs may compute statistics that were not on disk yet; the plans compared with the tensor peaks are made
 again just before each measured edit, so that they assume what that edit finds.
 
-MEND and KE edit with `editor="untrained"` unless --mend-editor/--ke-editor name a trained editor: an untrained
-network has the same shapes, so the same memory, and their ready configs point at `runs/mend-smollm2` and
-`runs/ke-smollm2`, which are used when they exist (a config's `editor=None` is refused by both methods). SERAC uses
-`runs/serac-smollm2` (its ready config) when it exists, else the untrained classifier.
+MEND, KE and SERAC edit with the editors their ready configs name (`runs/mend-smollm2`, `runs/ke-smollm2`,
+`runs/serac-smollm2`) when those exist, else with `editor="untrained"`, whose network has the same shapes and so the
+same memory (a config's `editor=None` is refused by MEND and KE); --mend-editor/--ke-editor/--serac-editor name others.
 
     python benchmarks/bench_plan.py
     python benchmarks/bench_plan.py --methods ft rome memit --n 4 --dtype bfloat16 --output plan.json
