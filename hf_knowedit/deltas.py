@@ -41,6 +41,17 @@ def replace_first_tensor(value, tensor: torch.Tensor):
     return type(value)((tensor, *value[1:])) if isinstance(value, tuple) else [tensor, *value[1:]]
 
 
+def as_token_grid(tensor: torch.Tensor, batch_shape) -> torch.Tensor:
+    """`tensor` seen as `(batch, seq, d)`; OPT's MLP works on the tokens flattened to `(batch * seq, d)`, which is
+    viewed back (a view: writing into the result writes into `tensor`)."""
+    batch_shape = tuple(batch_shape)
+    if tensor.dim() == 2 and len(batch_shape) == 2 and tensor.shape[0] == batch_shape[0] * batch_shape[1]:
+        return tensor.view(*batch_shape, tensor.shape[-1])
+    if tuple(tensor.shape[:-1]) != batch_shape:
+        raise ValueError(f"A hooked activation of shape {tuple(tensor.shape)} does not match the batch {batch_shape}.")
+    return tensor
+
+
 class EditComponent(nn.Module):
     """Base class of what an edit adds at one module.
 

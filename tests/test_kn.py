@@ -9,7 +9,7 @@ from hf_knowedit.methods.kn import KNConfig
 from hf_knowedit.methods.kn.attribution import integrated_gradients, neuron_activations, prompt_probe
 
 from .helpers import TOKENIZER, logits
-from .tiny_models import tiny_model
+from .tiny_models import ARCHITECTURES, tiny_model
 
 
 REQUEST = EditRequest(prompt="The capital of {} is", subject="France", target_new="Rome", target_true="Paris",
@@ -20,7 +20,7 @@ def nonzero_columns(delta) -> list[int]:
     return torch.nonzero(delta.delta_weight().abs().sum(0)).flatten().tolist()
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "t5"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_delta_touches_only_the_knowledge_neurons(arch):
     model = tiny_model(arch)
     before = logits(model)

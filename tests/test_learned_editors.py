@@ -11,7 +11,7 @@ from hf_knowedit.tokenization import encode_prompt_target
 from hf_knowedit.training import EditorTrainingArguments, TrainedEditor, train_editor
 
 from .helpers import TOKENIZER, logits
-from .tiny_models import tiny_model
+from .tiny_models import DECODER_ARCHITECTURES, tiny_model
 
 
 COLOURS = ["red", "blue", "green", "black", "white"]
@@ -115,6 +115,20 @@ def test_t5_trains_and_edits(method, tmp_path):
     edited = EditedModel(model, TOKENIZER).add_edits(SETTINGS[method][0](editor=str(result.editor_dir)), HELD_OUT)
     paths = list(edited.get_edit().components)
     assert paths and all(p.startswith("decoder.block.") and p.endswith("DenseReluDense.wo") for p in paths)
+    assert not torch.equal(logits(edited), before)
+    with edited.disable_edits():
+        assert torch.equal(logits(edited), before)
+
+
+@pytest.mark.parametrize("arch", [a for a in DECODER_ARCHITECTURES if a != "gpt2"])
+@pytest.mark.parametrize("method", sorted(SETTINGS))
+def test_decoder_architectures_train_and_edit(method, arch, tmp_path):
+    """Every decoder-only family trains an editor and edits with it (OPT flattens the tokens inside its MLP)."""
+    result = train(method, arch, tmp_path, validation_size=2)
+    model = tiny_model(arch)
+    before = logits(model)
+    edited = EditedModel(model, TOKENIZER).add_edits(SETTINGS[method][0](editor=str(result.editor_dir)), HELD_OUT)
+    assert all(isinstance(d, LowRankDelta) for deltas in edited.get_edit().components.values() for d in deltas)
     assert not torch.equal(logits(edited), before)
     with edited.disable_edits():
         assert torch.equal(logits(edited), before)

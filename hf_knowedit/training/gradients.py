@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..deltas import first_tensor, replace_first_tensor
+from ..deltas import as_token_grid, first_tensor, replace_first_tensor
 from ..devices import input_device
 from ..errors import EditRequestError
 from ..requests import EditRequest
@@ -89,9 +89,9 @@ def layer_gradients(model: nn.Module, paths: list[str], batch: PromptTargetBatch
     request_index = torch.nonzero(mask)[:, 0]
     result = {}
     for path, grad in zip(paths, grads, strict=True):
-        inputs = captured_inputs[path]
+        inputs = as_token_grid(captured_inputs[path], mask.shape)
         grad = torch.zeros(*inputs.shape[:-1], captured_outputs[path].shape[-1], device=inputs.device) \
-            if grad is None else grad
+            if grad is None else as_token_grid(grad, mask.shape)
         result[path] = LayerGradient(inputs[mask].float(), grad[mask].float(), request_index)
     return result
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...deltas import first_tensor
+from ...deltas import as_token_grid, first_tensor
 from ...devices import input_device
 from ...tokenization import encode_prompt_target
 
@@ -23,6 +23,11 @@ class PromptProbe:
 
     inputs: dict[str, torch.Tensor]
     position: int
+
+    @property
+    def token_shape(self) -> torch.Size:
+        """`(batch, seq)` of the tokens at the edited layers (the decoder's for encoder-decoders)."""
+        return self.inputs.get("decoder_input_ids", self.inputs["input_ids"]).shape
 
 
 def prompt_probe(model, tokenizer, prompt: str, target: str) -> tuple[PromptProbe, int]:
@@ -52,7 +57,8 @@ def neuron_activations(model, modules: dict[int, nn.Module], probe: PromptProbe)
 
     def make_hook(layer):
         def hook(module, args):
-            captured[layer] = first_tensor(args)[0, probe.position].detach().float()
+            x = as_token_grid(first_tensor(args), probe.token_shape)
+            captured[layer] = x[0, probe.position].detach().float()
 
         return hook
 
@@ -72,13 +78,14 @@ def integrated_gradients(model, module: nn.Module, probe: PromptProbe, activatio
     alphas = torch.arange(1, steps + 1, device=activation.device, dtype=torch.float32) / steps
     scaled = (alphas[:, None] * activation[None]).requires_grad_(True)
 
+    inputs = {k: v.expand(steps, *v.shape[1:]) for k, v in probe.inputs.items()}
+
     def hook(module, args):
         x = first_tensor(args)
-        x = x.expand(steps, *x.shape[1:]).clone()
-        x[:, probe.position] = scaled.to(x.dtype)
-        return (x, *args[1:])
+        grid = as_token_grid(x, (steps, probe.token_shape[1])).clone()
+        grid[:, probe.position] = scaled.to(grid.dtype)
+        return (grid.view(x.shape), *args[1:])
 
-    inputs = {k: v.expand(steps, *v.shape[1:]) for k, v in probe.inputs.items()}
     handle = module.register_forward_pre_hook(hook)
     try:
         with torch.enable_grad():

@@ -14,7 +14,7 @@ from ...distributed import all_reduce, rank_and_world_size
 
 class RunningMoments(nn.Module):
     """Per-dimension running mean and variance (Chan et al.'s parallel update), kept as buffers so checkpoints hold
-    them. Before any update, a batch is normalised with its own statistics."""
+    them. Before any update, a batch is normalised with its own statistics (a single row is left as it is)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -53,8 +53,10 @@ class RunningMoments(nn.Module):
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         if self.count >= 2:
             mean, var = self.mean, self.sum_squares / (self.count - 1).float()
-        else:
-            mean, var = x.mean(0), x.var(0, unbiased=False) if x.shape[0] > 1 else torch.ones_like(x[0])
+        elif x.shape[0] > 1:
+            mean, var = x.mean(0), x.var(0, unbiased=False)
+        else:  # one row: centring it on itself would zero it
+            mean, var = torch.zeros_like(x[0]), torch.ones_like(x[0])
         return (x - mean) / (var.sqrt() + self.eps)
 
 
