@@ -511,6 +511,12 @@ class EditedModel(nn.Module):
         return hook
 
     # -- model-level routing (see ModelComponent) ---------------------------------------------------------------------
+    @property
+    def routes_prompts(self) -> bool:
+        """Whether an active model-level component (SERAC, IKE) routes whole prompts, so that a forward pass of the
+        edited model is not a forward pass of the hooked base model."""
+        return not self._disabled and any(self._edits[name].components.get(MODEL_ROOT) for name in self._active)
+
     def _routed_call(self, args, kwargs, generate: bool):
         """Run the call with each prompt routed by the active model-level components, or `None` when none applies."""
         routers = [] if self._disabled else [

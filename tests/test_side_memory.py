@@ -13,14 +13,16 @@ import pytest
 import torch
 
 from hf_knowedit import ArtifactError, BaseModelMismatchError, EditConfigError, EditedModel, EditRequest
+from hf_knowedit.locate import ResumedTargetLogProbs
 from hf_knowedit.methods.calinet import CaliNETConfig
 from hf_knowedit.methods.grace import GRACEConfig
 from hf_knowedit.methods.ike import IKEConfig
 from hf_knowedit.methods.ike.editor import load_demonstration_pool
 from hf_knowedit.methods.tpatcher import TPatcherConfig
+from hf_knowedit.tokenization import encode_prompt_target
 
 from .helpers import COUNTERFACT_TRAIN, TOKENIZER, model_inputs, target_log_prob
-from .tiny_models import tiny_model
+from .tiny_models import DECODER_ARCHITECTURES, tiny_model
 
 
 DATA = str(COUNTERFACT_TRAIN)
@@ -202,3 +204,27 @@ def test_ike_demonstrations_from_any_dataset_format(tmp_path):
     for wrong, match in ((bad, "cannot be read as an edit dataset"), (tmp_path / "missing.json", "does not exist")):
         with pytest.raises(EditConfigError, match=match):
             EditedModel(tiny_model("gpt2"), TOKENIZER).add_edits(IKEConfig(demonstrations_file=str(wrong)), [REQUEST])
+
+
+@pytest.mark.parametrize("arch", DECODER_ARCHITECTURES)
+def test_resumed_target_log_probs_equal_the_full_pass_with_gradients(arch):
+    """T-Patcher and GRACE train against the target's log-probability recomputed from their block on only."""
+    model = base_model(arch)
+    edited = EditedModel(model, TOKENIZER)
+    batch = encode_prompt_target(TOKENIZER, [IN_SCOPE, "The sky is"], [REQUEST.target_new, " blue today"],
+                                 model=model)
+    layer = edited.layout.num_layers - 2
+    weight = edited.base_model.get_submodule(edited.layout.mlp_out_path(layer)).weight
+    resumed = ResumedTargetLogProbs(edited, batch, layer)
+    assert resumed.forward is not None, f"{arch} was not resumed"
+    values = {}
+    for name, compute in {"resumed": resumed, "full": lambda: batch.target_log_probs(model(**batch.model_inputs())
+                                                                                      .logits)}.items():
+        weight.grad = None
+        with torch.enable_grad():
+            result = compute()
+            result.sum().backward()
+        values[name] = result.detach(), weight.grad.clone()
+    torch.testing.assert_close(values["resumed"][0], values["full"][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(values["resumed"][1], values["full"][1], rtol=1e-3, atol=1e-6)
+    weight.grad = None

@@ -9,7 +9,7 @@
 
 from .base import LocateThenEditConfig, LocateThenEditEditor, check_consistent_requests, layer_statistics
 from .keys import compute_subject_keys, context_prefixes
-from .resume import ResumableForward
+from .resume import ResumableForward, ResumedTargetLogProbs
 from .update import batch_update, null_space_update, rank_one_update
 from .values import optimize_target_values
 
@@ -18,6 +18,7 @@ __all__ = [
     "LocateThenEditConfig",
     "LocateThenEditEditor",
     "ResumableForward",
+    "ResumedTargetLogProbs",
     "batch_update",
     "check_consistent_requests",
     "compute_subject_keys",

@@ -104,3 +104,38 @@ def add_at_positions(output, rows, cols, values, batch_shape):
     shape = hidden.shape
     hidden = hidden.view(*batch_shape, -1).index_put((rows, cols), values.to(hidden.dtype), accumulate=True)
     return replace_first_tensor(output, hidden.view(shape))
+
+
+class ResumedTargetLogProbs:
+    """`batch.target_log_probs(edited_model(**batch.model_inputs()).logits)` with only blocks `start..L-1` recomputed.
+
+    For methods that train something at or after block `start` against a fixed prompt and target (T-Patcher's patch,
+    GRACE's value): the residual stream entering that block does not change between steps. Encoder-decoder models,
+    models :class:`ResumableForward` cannot resume, and edited models that route whole prompts (SERAC, IKE edits
+    active) run the full forward pass.
+
+    Args:
+        edited_model (`EditedModel`): the model; the hooks of the components being trained must be on it whenever
+            the instance is created or called.
+        batch (`PromptTargetBatch`): a prompt-target batch on the model's input device.
+        start (`int`): the first block whose computation can change.
+    """
+
+    def __init__(self, edited_model, batch, start: int):
+        self.edited_model, self.batch = edited_model, batch
+        self.forward = None
+        if not batch.is_encoder_decoder and not edited_model.routes_prompts:
+            rows, cols = torch.nonzero(batch.labels != -100, as_tuple=True)
+            self.labels, self.rows = batch.labels[rows, cols], rows
+            self.counts = torch.bincount(rows, minlength=batch.labels.shape[0]).clamp(min=1)
+            forward = ResumableForward(edited_model.base_model, edited_model.layout, batch.input_ids,
+                                       batch.attention_mask, start, rows, cols - 1)
+            self.forward = forward if forward.resumable else None
+
+    def __call__(self) -> torch.Tensor:
+        """Per-example mean log-probability of the target tokens, `(batch,)`, fp32, differentiable."""
+        if self.forward is None:
+            return self.batch.target_log_probs(self.edited_model(**self.batch.model_inputs()).logits)
+        log_probs = self.forward.logits().log_softmax(-1).gather(-1, self.labels[:, None]).squeeze(-1)
+        sums = torch.zeros(self.counts.shape, dtype=log_probs.dtype, device=log_probs.device)
+        return sums.index_add(0, self.rows, log_probs) / self.counts

@@ -3,6 +3,7 @@ import torch
 from ...devices import input_device
 from ...editor import BaseEditor
 from ...errors import EditFailedError
+from ...locate.resume import ResumedTargetLogProbs
 from ...tokenization import encode_prompt_target
 from ...utils import tqdm
 from ..calinet.side_ffn import hidden_size, key_positions, record_module_io
@@ -28,7 +29,8 @@ class GRACEEditor(BaseEditor):
         config = self.config
         model = edited_model.base_model
         layout = edited_model.layout
-        path = layout.block_path(config.resolve_layers(layout)[0])
+        layer = config.resolve_layers(layout)[0]
+        path = layout.block_path(layer)
         device = input_device(model)
         codebook = GraceCodebook.empty(hidden_size(model)).to(device)
         actions, losses = [], []
@@ -41,20 +43,21 @@ class GRACEEditor(BaseEditor):
                     edited_model(**batch.model_inputs())
                 key = records["output"][-1][0, position].float()
                 value = TrainableValue(key, [position])
-                losses.append(self.train_value(edited_model, path, value, batch))
+                losses.append(self.train_value(edited_model, path, layer, value, batch))
                 radius = config.initial_radius * float(key.norm())
                 actions.append(codebook.insert(key, value.value.detach(), radius, request.target_new.strip()))
         self.stats = {"grace_actions": actions, "grace_final_loss": max(losses)}
         return {path: codebook}
 
-    def train_value(self, edited_model, path, value: TrainableValue, batch) -> float:
+    def train_value(self, edited_model, path, layer, value: TrainableValue, batch) -> float:
         config = self.config
         optimizer = torch.optim.Adam(value.parameters(), lr=config.lr)
         loss = None
         with edited_model.temporary_components({path: value}), torch.enable_grad():
+            target_log_probs = ResumedTargetLogProbs(edited_model, batch, layer)
             for _ in range(config.num_steps):
                 optimizer.zero_grad(set_to_none=True)
-                loss = -batch.target_log_probs(edited_model(**batch.model_inputs()).logits).mean()
+                loss = -target_log_probs().mean()
                 if not torch.isfinite(loss):
                     raise EditFailedError(f"The GRACE value loss became {loss.item()}; lower GRACEConfig.lr.")
                 if loss.item() < config.stop_loss:

@@ -3,6 +3,7 @@ import torch
 from ...devices import input_device
 from ...editor import BaseEditor
 from ...errors import EditFailedError
+from ...locate.resume import ResumedTargetLogProbs
 from ...tokenization import encode_prompt_target
 from ...utils import tqdm
 from ..calinet.side_ffn import SideFFN, ffn_host_path, key_positions, record_module_io
@@ -44,7 +45,8 @@ class TPatcherEditor(BaseEditor):
         config = self.config
         model = edited_model.base_model
         layout = edited_model.layout
-        path = ffn_host_path(layout, config.resolve_layers(layout)[0])
+        layer = config.resolve_layers(layout)[0]
+        path = ffn_host_path(layout, layer)
         device = input_device(model)
         tokenizer = edited_model.tokenizer
         memory_prompts = list(config.memory_prompts if config.memory_prompts is not None else GENERIC_MEMORY_PROMPTS)
@@ -63,7 +65,7 @@ class TPatcherEditor(BaseEditor):
             if others:
                 memory.append(self.ffn_inputs(edited_model, path, others, device))
             memory = torch.cat(memory)
-            patch = self.train_patch(edited_model, path, batch, position, edit_input, memory)
+            patch = self.train_patch(edited_model, path, layer, batch, position, edit_input, memory)
             with torch.no_grad():
                 fire_rates.append(float((patch.scores(memory) > 0).float().mean()))
             patches.append(patch)
@@ -85,7 +87,7 @@ class TPatcherEditor(BaseEditor):
             edited_model(**kwargs)
         return records["input"][-1][inputs["attention_mask"].bool()].float()
 
-    def train_patch(self, edited_model, path, batch, position, edit_input, memory) -> SideFFN:
+    def train_patch(self, edited_model, path, layer, batch, position, edit_input, memory) -> SideFFN:
         """Train one patch: edit loss + a · activation loss + m · memory loss (Huang et al. 2023, Eq. 6)."""
         config = self.config
         n = config.neurons_per_edit
@@ -96,9 +98,10 @@ class TPatcherEditor(BaseEditor):
                         trainable=True).to(edit_input.device)
         optimizer = torch.optim.Adam(patch.parameters(), lr=config.lr)
         with edited_model.temporary_components({path: patch}), torch.enable_grad():
+            target_log_probs = ResumedTargetLogProbs(edited_model, batch, layer)
             for _ in range(config.num_steps):
                 optimizer.zero_grad(set_to_none=True)
-                edit_loss = -batch.target_log_probs(edited_model(**batch.model_inputs()).logits).mean()
+                edit_loss = -target_log_probs().mean()
                 scale = patch.keys.norm(dim=-1) * edit_input.norm()  # scores in units of the initial key
                 activation_loss = torch.relu(config.margin - patch.scores(edit_input) / scale).mean()
                 memory_loss = torch.relu(patch.scores(memory) / scale + config.margin).mean() if len(memory) else 0
