@@ -1,0 +1,27 @@
+#!/bin/bash
+# Sequential-editing runs for docs/results.md: each method applies N edits one after another on the default model
+# (nothing undone between them) and is scored on every case edited so far after every K edits (SCHEDULE=every:K),
+# the last checkpoint being the scores after all N.
+# Usage: [N=500] [SCHEDULE=every:100] [PROTOCOLS=token_accuracy,prob_comparison] [DATASETS="counterfact zsre"] [METHODS="name:config ..."] [WAIT=pid]
+#        benchmarks/results/run_sequential.sh
+# Outputs: runs/<dataset>/<name>_sequential<N>; a run stopped part-way resumes from its last checkpoint.
+cd "$(dirname "$0")/../.."
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_KNOWEDIT_DISABLE_PROGRESS_BARS=1
+export HF_KNOWEDIT_DATA_DIR=../shared/data HF_KNOWEDIT_STATS_CORPUS=../shared/data/wikitext
+N=${N:-500}
+SIDE_MEMORY="serac:editing_configs/serac/llama.json ike:editing_configs/ike/counterfact.json calinet:editing_configs/calinet/default.json grace:editing_configs/grace/default.json tpatcher:editing_configs/tpatcher/default.json"
+while [ -n "$WAIT" ] && kill -0 $WAIT 2>/dev/null; do sleep 5; done
+for spec in ${METHODS:-$SIDE_MEMORY}; do
+  IFS=: read name config <<< "$spec"
+  for tag in ${DATASETS:-counterfact zsre}; do
+    if [ $tag = counterfact ]; then data=../shared/data/counterfact_easyedit/counterfact-edit.json
+    else data=../shared/data/knowedit/ZsRE-test-all.json; fi
+    out=runs/$tag/${name}_sequential$N
+    mkdir -p $out
+    echo "$(date) start $out"
+    .venv/bin/hf-knowedit evaluate --config $config --dataset $data --n $N --mode sequential \
+      --eval-schedule ${SCHEDULE:-every:100} --fluency-tokens 0 --protocols ${PROTOCOLS:-token_accuracy,prob_comparison} --output $out
+    echo "$(date) end $out rc=$?"
+  done
+done
+echo "$(date) sequential queue done"
