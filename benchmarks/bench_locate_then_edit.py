@@ -2,7 +2,9 @@
 
 Scores follow ROME's CounterFact protocol by probability comparison (mean log-probability per target token):
 efficacy  P(target_new) > P(target_true) on the edit prompt; paraphrase the same on the rephrased prompt;
-neighbourhood  P(true) > P(new) on the neighbourhood (locality) prompt, `true` being its own answer.
+neighbourhood  P(true) > P(new) on the neighbourhood (locality) prompt, `true` being its own answer;
+neighbourhood_kept  the share of neighbourhood prompts whose comparison is the same as on the unedited model (whose
+               own neighbourhood score is the most an edit can keep).
 
 Modes: `rome` (single edits, each undone before the next), `memit` (one batch of --n), `alphaedit` (--sequential-n
 sequential single edits, all scored at the end), `rome_sequential` (the same with ROME, reported as is).
@@ -36,7 +38,7 @@ def mean_log_probs(model, tokenizer, prompts, targets, batch_size=32):
 
 
 def score(model, tokenizer, requests):
-    """Efficacy, paraphrase and neighbourhood (probability comparison), per request."""
+    """Efficacy, paraphrase and neighbourhood (probability comparison): 0/1 per prompt, in request order."""
     def compare(prompts, first, second):
         a = mean_log_probs(model, tokenizer, prompts, first)
         b = mean_log_probs(model, tokenizer, prompts, second)
@@ -49,8 +51,11 @@ def score(model, tokenizer, requests):
     neigh = [(probe, r) for r in rs for probe in r.locality[:1] if probe.answers]
     neighbourhood = compare([p.prompt for p, _ in neigh], [p.answers[0] for p, _ in neigh],
                             [r.target_new for _, r in neigh])
-    return {"efficacy": efficacy.mean().item(), "paraphrase": paraphrase.mean().item(),
-            "neighbourhood": neighbourhood.mean().item()}
+    return {"efficacy": efficacy, "paraphrase": paraphrase, "neighbourhood": neighbourhood}
+
+
+def means(vectors: dict) -> dict:
+    return {k: round(v.mean().item(), 3) for k, v in vectors.items()}
 
 
 def forward_backward_seconds(model, tokenizer, request, prefixes, repeats=3):
@@ -113,13 +118,13 @@ def run(method, args, model, tokenizer, records):
             sizes.append(edited.get_edit("e").num_bytes())
             scores.append(score(edited, tokenizer, [request]))
             edited.delete_edit("e")
-        result.update({k: round(sum(s[k] for s in scores) / len(scores), 3) for k in scores[0]})
+        vectors = {k: torch.cat([s[k] for s in scores]) for k in scores[0]}
         result["artifact_bytes_per_edit"] = sizes[0]
     elif method == "memit":
         edited.add_edits(config, records, edit_name="e")
         stats = dict(edited.get_edit("e").stats)
         per_edit = [{k: v / len(records) for k, v in stats.items() if k.endswith("_seconds")}]
-        result.update({k: round(v, 3) for k, v in score(edited, tokenizer, records).items()})
+        vectors = score(edited, tokenizer, records)
         result["artifact_bytes"] = edited.get_edit("e").num_bytes()
         result["ranks"] = stats.get("ranks")
         edited.delete_edit("e")
@@ -130,9 +135,11 @@ def run(method, args, model, tokenizer, records):
             edited.add_edits(config, [request], edit_name="e")
             after = edited.get_edit("e").stats
             per_edit.append({k: after[k] - before.get(k, 0.0) for k in after if k.endswith("_seconds")})
-        result.update({k: round(v, 3) for k, v in score(edited, tokenizer, records).items()})
+        vectors = score(edited, tokenizer, records)
         result["artifact_bytes"] = edited.get_edit("e").num_bytes()
         edited.delete_edit("e")
+    result.update(means(vectors))
+    result["vectors"] = vectors
     result["statistics_seconds_one_off"] = round(sum(s.get("statistics_seconds", 0.0) for s in per_edit), 1)
     result["forward_backward_seconds"] = round(fb, 4)
     result.update(phase_report(per_edit, fb))
@@ -163,7 +170,11 @@ def main():
         records = load_edit_dataset(COUNTERFACT, n=n)
         base = score(model, tokenizer, records)
         result = run(method, args, model, tokenizer, records)
-        result["unedited"] = {k: round(v, 3) for k, v in base.items()}
+        post = result.pop("vectors")
+        # The unedited model's own neighbourhood score is the ceiling of an edit that keeps the neighbours as they
+        # were; `neighbourhood_kept` is the share of neighbourhood prompts whose comparison the edit left unchanged.
+        result["neighbourhood_kept"] = round((post["neighbourhood"] == base["neighbourhood"]).float().mean().item(), 3)
+        result["unedited"] = means(base)
         print(json.dumps(result), flush=True)
 
 
