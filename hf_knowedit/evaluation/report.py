@@ -153,7 +153,10 @@ def plot_metrics_vs_edits(runs: list[tuple[Path, dict]], output_dir: Path, proto
         metrics = [(m, label) for m, label in ALL_METRICS if any(_stat(s, m, protocol) for s in subset)]
         if not metrics:
             continue
-        fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2), squeeze=False)
+        fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 2.2, 3.4), squeeze=False)
+        names = sorted({f"{s['method_label']} {s['mode'] if s['mode'] != 'single' else 'batch'}" for s in subset})
+        colours = plt.get_cmap("tab20")
+        styles = {name: dict(color=colours(i % 20), marker="os^Dv"[i // 20 % 5]) for i, name in enumerate(names)}
         for ax, (metric, label) in zip(axes[0], metrics):
             series: dict[str, list[tuple[int, float]]] = {}
             for summary in subset:
@@ -170,7 +173,7 @@ def plot_metrics_vs_edits(runs: list[tuple[Path, dict]], output_dir: Path, proto
                     series.setdefault(name, []).append((_x_edits(summary), stats["mean"]))
             for name, points in sorted(series.items()):
                 points = sorted(dict(points).items())
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+                ax.plot([p[0] for p in points], [p[1] for p in points], label=name, **styles[name])
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xlabel("number of edits")
@@ -178,9 +181,11 @@ def plot_metrics_vs_edits(runs: list[tuple[Path, dict]], output_dir: Path, proto
                 ax.set_ylim(-0.02, 1.02)
             ax.set_title(label if metric == "fluency" else f"{label} ({protocol})", fontsize=9)
             ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=7)
+        handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines()}
+        fig.legend([handles[n] for n in names if n in handles], [n for n in names if n in handles], fontsize=7,
+                   loc="center right")
         fig.suptitle(f"{dataset}: x = batch size (batch runs) or edits applied so far (sequential runs)", fontsize=10)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1 - 2.0 / fig.get_figwidth(), 1))
         path = output_dir / f"metrics_vs_edits_{_slug(dataset)}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
