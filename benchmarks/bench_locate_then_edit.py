@@ -131,10 +131,10 @@ def run(method, args, model, tokenizer, records):
     else:  # sequential: alphaedit, rome_sequential
         per_edit = []
         for request in records:
-            before = dict(edited.get_edit("e").stats) if "e" in edited.edit_names else {}
             edited.add_edits(config, [request], edit_name="e")
+            # The phase seconds in an edit's stats are those of its latest call (edit_seconds alone accumulates).
             after = edited.get_edit("e").stats
-            per_edit.append({k: after[k] - before.get(k, 0.0) for k in after if k.endswith("_seconds")})
+            per_edit.append({k: v for k, v in after.items() if k.endswith("_seconds") and k != "edit_seconds"})
         vectors = score(edited, tokenizer, records)
         result["artifact_bytes"] = edited.get_edit("e").num_bytes()
         edited.delete_edit("e")
