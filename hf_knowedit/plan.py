@@ -896,15 +896,22 @@ def _plan_serac(ctx: _Context) -> list[Phase]:
 
 # Side memories trained beside the model ---------------------------------------------------------------------------
 def _tail_training_phase(ctx: _Context, name: str, first_block: int, trained_numel: int, extra_saved: int,
-                         tokens: int, sequence: int, logits_held: bool = False, **held: int) -> Phase:
-    """A step that trains something at block `first_block` (its output or its FFN) with the target likelihood."""
+                         tokens: int, sequence: int, logits_held: bool = False, resumed: bool = False,
+                         **held: int) -> Phase:
+    """A step that trains something at block `first_block` (its output or its FFN) with the target likelihood.
+
+    `resumed`: the step recomputes only the blocks from the trained one on, and the logits at the target tokens
+    (`ResumedTargetLogProbs`, decoder-only models), not at every position."""
     sizes = ctx.sizes
     padded = tokens > sequence  # several rows of different lengths
+    rows = tokens
+    if resumed and not ctx.spec.is_encoder_decoder:
+        rows = max(s.target_tokens for s in ctx.shapes)
     return ctx.weights_phase(
         name, **held, **_dense_training(trained_numel),
         activations=sizes.blocks_saved(ctx.spec.num_layers - first_block - 1, tokens, sequence, padded)
         + extra_saved,
-        logits_and_loss=sizes.loss_head(tokens, logits_held=logits_held),
+        logits_and_loss=sizes.loss_head(rows, logits_held=logits_held),
     )
 
 
@@ -926,7 +933,7 @@ def _plan_tpatcher(ctx: _Context) -> list[Phase]:
     patches = ctx.num_requests * n * (2 * d + 1) * FP32
     training = _tail_training_phase(
         ctx, "patch training step", layer - 1, n * (2 * d + 1), sizes.hidden(sequence, FP32), sequence, sequence,
-        out_of_scope_inputs=memory + others * sequence * d * FP32, edit_components=patches)
+        out_of_scope_inputs=memory + others * sequence * d * FP32, edit_components=patches, resumed=True)
     phases = [reading, training]
     if others:
         phases.append(ctx.weights_phase("other requests' inputs", **sizes.full_forward(others * sequence),
@@ -965,7 +972,7 @@ def _plan_grace(ctx: _Context) -> list[Phase]:
     codebook = ctx.num_requests * (2 * d + 1) * FP32
     reading = ctx.weights_phase("key reading", **sizes.full_forward(sequence), codebook=codebook)
     training = _tail_training_phase(ctx, "value training step", layer, d, sizes.hidden(sequence), sequence, sequence,
-                                    codebook=codebook)
+                                    codebook=codebook, resumed=True)
     ctx.assumptions["grace_layer"] = layer
     return [reading, training]
 
