@@ -43,7 +43,8 @@ def replace_first_tensor(value, tensor: torch.Tensor):
 
 def as_token_grid(tensor: torch.Tensor, batch_shape) -> torch.Tensor:
     """`tensor` seen as `(batch, seq, d)`; OPT's MLP works on the tokens flattened to `(batch * seq, d)`, which is
-    viewed back (a view: writing into the result writes into `tensor`)."""
+    viewed back (a view: writing into the result writes into `tensor`). Every hook that indexes an activation by
+    position goes through this."""
     batch_shape = tuple(batch_shape)
     if tensor.dim() == 2 and len(batch_shape) == 2 and tensor.shape[0] == batch_shape[0] * batch_shape[1]:
         return tensor.view(*batch_shape, tensor.shape[-1])

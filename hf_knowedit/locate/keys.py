@@ -10,6 +10,7 @@ import weakref
 
 import torch
 
+from ..deltas import as_token_grid
 from ..devices import input_device
 from ..tokenization import subject_last_token_index
 from ..utils import get_logger
@@ -154,7 +155,7 @@ def _activations_at(model, module, input_ids, attention_mask, cols, site: str) -
             x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
         else:
             x = output if isinstance(output, torch.Tensor) else output[0]
-        x = x.view(*input_ids.shape, -1)  # OPT flattens the tokens inside its MLP
+        x = as_token_grid(x, input_ids.shape)
         captured["activations"] = x[rows, cols].detach().float()
         raise _StopForward
 

@@ -13,7 +13,7 @@ back to the full forward pass and says so in the log.
 
 import torch
 
-from ..deltas import first_tensor, replace_first_tensor
+from ..deltas import as_token_grid, first_tensor, replace_first_tensor
 from ..utils import get_logger
 
 
@@ -102,7 +102,7 @@ def add_at_positions(output, rows, cols, values, batch_shape):
     """
     hidden = first_tensor(output)
     shape = hidden.shape
-    hidden = hidden.view(*batch_shape, -1).index_put((rows, cols), values.to(hidden.dtype), accumulate=True)
+    hidden = as_token_grid(hidden, batch_shape).index_put((rows, cols), values.to(hidden.dtype), accumulate=True)
     return replace_first_tensor(output, hidden.view(shape))
 
 

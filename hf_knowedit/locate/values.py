@@ -18,6 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..deltas import as_token_grid, first_tensor
 from ..devices import input_device
 from ..errors import EditFailedError
 from ..tokenization import encode_prompt_target
@@ -121,7 +122,7 @@ def _optimize_chunk(edited_model, requests, layer, prefixes, config, site):
     state = {"initial": None}
 
     def add_delta(mod, args, output):
-        hidden = (output if isinstance(output, torch.Tensor) else output[0]).view(*input_ids.shape, -1)
+        hidden = as_token_grid(first_tensor(output), input_ids.shape)
         if state["initial"] is None:
             state["initial"] = hidden[bare_rows, edit_cols[bare_rows]].detach().float()
         return add_at_positions(output, edit_rows, edit_cols, delta[edit_owner], input_ids.shape)
