@@ -5,17 +5,14 @@
 # Usage: [N=500] [SCHEDULE=every:100] [PROTOCOLS=token_accuracy,prob_comparison] [DATASETS="counterfact zsre"] [METHODS="name:config ..."] [WAIT=pid]
 #        benchmarks/results/run_sequential.sh
 # Outputs: runs/<dataset>/<name>_sequential<N>; a run stopped part-way resumes from its last checkpoint.
-cd "$(dirname "$0")/../.."
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_KNOWEDIT_DISABLE_PROGRESS_BARS=1
-export HF_KNOWEDIT_DATA_DIR=../shared/data HF_KNOWEDIT_STATS_CORPUS=../shared/data/wikitext
+source "$(dirname "$0")/common.sh"
 N=${N:-500}
 SIDE_MEMORY="serac:editing_configs/serac/llama.json ike:editing_configs/ike/counterfact.json calinet:editing_configs/calinet/default.json grace:editing_configs/grace/default.json tpatcher:editing_configs/tpatcher/default.json"
 while [ -n "$WAIT" ] && kill -0 $WAIT 2>/dev/null; do sleep 5; done
 for spec in ${METHODS:-$SIDE_MEMORY}; do
   IFS=: read name config <<< "$spec"
   for tag in ${DATASETS:-counterfact zsre}; do
-    if [ $tag = counterfact ]; then data=../shared/data/counterfact_easyedit/counterfact-edit.json
-    else data=../shared/data/knowedit/ZsRE-test-all.json; fi
+    data=$(dataset_file $tag) || exit 1
     out=runs/$tag/${name}_sequential$N
     mkdir -p $out
     echo "$(date) start $out"

@@ -3,14 +3,10 @@
 # method, then grown to 200 (the harness resumes a run whose n grows in single mode).
 # Usage: SIZES="25 200" [METHODS="name:config ..."] [TRAIN_AT=25] benchmarks/results/run_single_edits.sh  (this page's runs:
 # SIZES=25; MEND and KE are trained first when their editors are missing, with 8-minute budgets; see train_editors.sh).
-cd "$(dirname "$0")/../.."
-export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_KNOWEDIT_DISABLE_PROGRESS_BARS=1
-export HF_KNOWEDIT_DATA_DIR=../shared/data HF_KNOWEDIT_STATS_CORPUS=../shared/data/wikitext
-CF=../shared/data/counterfact_easyedit/counterfact-edit.json
-ZS=../shared/data/knowedit/ZsRE-test-all.json
+source "$(dirname "$0")/common.sh"
 run() {  # run NAME CONFIG DATASET_TAG N
   local name=$1 config=$2 tag=$3 n=$4 data
-  if [ $tag = counterfact ]; then data=$CF; else data=$ZS; fi
+  data=$(dataset_file $tag) || exit 1
   mkdir -p runs/$tag/${name}_single
   echo "$(date) start runs/$tag/${name}_single n=$n"
   .venv/bin/hf-knowedit evaluate --config $config --dataset $data --n $n --mode single --fluency-tokens 0 \

@@ -1,7 +1,6 @@
 #!/bin/bash
 # Train MEND then KE on the default model, 5 minutes each (1 thread), on CounterFact's train split (first 2000 records).
-cd "$(dirname "$0")/../.."
-export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_KNOWEDIT_DISABLE_PROGRESS_BARS=1
+source "$(dirname "$0")/common.sh"
 for method in mend ke; do
   echo "$(date) start training $method"
   .venv/bin/hf-knowedit train-editor --method $method \
