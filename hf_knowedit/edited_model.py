@@ -511,17 +511,21 @@ class EditedModel(nn.Module):
         return hook
 
     # -- model-level routing (see ModelComponent) ---------------------------------------------------------------------
+    def _routers(self) -> list:
+        """The active model-level components (SERAC, IKE), which route whole prompts."""
+        if self._disabled:
+            return []
+        return [c for name in self._active for c in self._edits[name].components.get(MODEL_ROOT, ())]
+
     @property
     def routes_prompts(self) -> bool:
-        """Whether an active model-level component (SERAC, IKE) routes whole prompts, so that a forward pass of the
-        edited model is not a forward pass of the hooked base model."""
-        return not self._disabled and any(self._edits[name].components.get(MODEL_ROOT) for name in self._active)
+        """Whether an active model-level component routes whole prompts, so that a forward pass of the edited model
+        is not a forward pass of the hooked base model."""
+        return bool(self._routers())
 
     def _routed_call(self, args, kwargs, generate: bool):
         """Run the call with each prompt routed by the active model-level components, or `None` when none applies."""
-        routers = [] if self._disabled else [
-            c for name in self._active for c in self._edits[name].components.get(MODEL_ROOT, ())
-        ]
+        routers = self._routers()
         kwargs = dict(kwargs)
         input_ids = kwargs.pop("input_ids", args[0] if args else None)
         if not routers or not isinstance(input_ids, torch.Tensor) or kwargs.get("inputs_embeds") is not None:
