@@ -77,6 +77,34 @@ def test_integrated_gradients_are_complete():
     assert float(attribution.sum()) == pytest.approx(float(expected), rel=0.05, abs=1e-7)
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_prefix_cache_gives_the_full_attributions(arch):
+    """The shared key/value cache of the prompt's prefix changes nothing but the cost (decoder-only models)."""
+    model = tiny_model(arch)
+    layout = resolve_layout(model)
+    module = layout.mlp_out(model, 1)
+    probe, token = prompt_probe(model, TOKENIZER, REQUEST.filled_prompt, REQUEST.target_true)
+    activation = neuron_activations(model, {1: module}, probe)[1]
+    cached = integrated_gradients(model, module, probe, activation, token, steps=8)
+    assert probe.prefix_cache_checked == (arch != "t5")  # T5's decoder prompt is one token: nothing to share
+    probe.use_prefix_cache = False
+    full = integrated_gradients(model, module, probe, activation, token, steps=8)
+    torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-6 * float(full.abs().max()))
+
+
+def test_a_cache_that_disagrees_falls_back_to_the_full_prompt(caplog):
+    model = tiny_model("llama")
+    module = resolve_layout(model).mlp_out(model, 1)
+    probe, token = prompt_probe(model, TOKENIZER, REQUEST.filled_prompt, REQUEST.target_true)
+    activation = neuron_activations(model, {1: module}, probe)[1]
+    probe.reference_logits = probe.reference_logits + 1.0
+    attribution = integrated_gradients(model, module, probe, activation, token, steps=8)
+    assert not probe.use_prefix_cache and "attributing without it" in caplog.text
+    probe_again = prompt_probe(model, TOKENIZER, REQUEST.filled_prompt, REQUEST.target_true)[0]
+    probe_again.use_prefix_cache = False
+    torch.testing.assert_close(attribution, integrated_gradients(model, module, probe_again, activation, token, 8))
+
+
 def test_config_is_checked():
     with pytest.raises(EditConfigError, match="attribution_threshold"):
         KNConfig(attribution_threshold=0)
