@@ -3,6 +3,7 @@
 import argparse
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,6 +174,18 @@ def test_refuses_to_mix_settings_unless_overwrite(dataset, tmp_path):
     _run(sequential, tmp_path / "seq")
     with pytest.raises(EvaluationSettingsError, match="n: 2 there, 3 now"):  # sequential state depends on n
         _run(_settings(dataset, "sequential", 1, n=3), tmp_path / "seq")
+
+
+def test_resumes_when_the_same_dataset_is_named_by_another_path(dataset, tmp_path, monkeypatch):
+    output = tmp_path / "run"
+    _run(_settings(dataset, n=2), output)
+    monkeypatch.chdir(Path(dataset).parent)
+    summary = _run(_settings(Path(dataset).name, n=3), output)  # relative now, absolute then: resumed
+    assert summary["num_completed"] == 3
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text(Path(dataset).read_text().replace("Rome", "Milan"))
+    with pytest.raises(EvaluationSettingsError, match="other settings.*dataset"):
+        _run(_settings(str(changed), n=3), output)
 
 
 def test_bad_inputs(dataset, tmp_path):

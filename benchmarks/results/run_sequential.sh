@@ -18,7 +18,8 @@ for spec in ${METHODS:-$SIDE_MEMORY}; do
     echo "$(date) start $out"
     .venv/bin/hf-knowedit evaluate --config $config --dataset $data --n $N --mode sequential \
       --eval-schedule ${SCHEDULE:-every:100} --fluency-tokens 0 --protocols ${PROTOCOLS:-token_accuracy,prob_comparison} --output $out
-    echo "$(date) end $out rc=$?"
+    rc=$?
+    echo "$(date) end $out rc=$rc"
   done
 done
 echo "$(date) sequential queue done"

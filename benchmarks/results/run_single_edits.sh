@@ -11,7 +11,8 @@ run() {  # run NAME CONFIG DATASET_TAG N
   echo "$(date) start runs/$tag/${name}_single n=$n"
   .venv/bin/hf-knowedit evaluate --config $config --dataset $data --n $n --mode single --fluency-tokens 0 \
      --protocols token_accuracy,prob_comparison --output runs/$tag/${name}_single
-  echo "$(date) end runs/$tag/${name}_single rc=$?"
+  rc=$?
+  echo "$(date) end runs/$tag/${name}_single rc=$rc"
 }
 train() {  # train METHOD MINUTES
   echo "$(date) start training $1"
@@ -19,7 +20,8 @@ train() {  # train METHOD MINUTES
     --dataset ../shared/data/counterfact_easyedit/counterfact-train.json --n 2000 \
     --output runs/$1-smollm2 --max-minutes $2 \
     --set validation_size=16 --set eval_every=50 --set save_every=50 --set log_every=10
-  echo "$(date) end training $1 rc=$?"
+  rc=$?
+  echo "$(date) end training $1 rc=$rc"
 }
 ALL="ike:editing_configs/ike/counterfact.json grace:editing_configs/grace/default.json serac:editing_configs/serac/llama.json rome:editing_configs/rome/llama.json memit:editing_configs/memit/llama.json alphaedit:editing_configs/alphaedit/llama.json kn:editing_configs/kn/llama.json tpatcher:editing_configs/tpatcher/default.json calinet:editing_configs/calinet/default.json"
 while [ -n "$WAIT" ] && kill -0 $WAIT 2>/dev/null; do sleep 5; done

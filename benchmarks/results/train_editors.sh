@@ -7,5 +7,6 @@ for method in mend ke; do
     --dataset ../shared/data/counterfact_easyedit/counterfact-train.json --n 2000 \
     --output runs/$method-smollm2 --max-minutes 5 \
     --set validation_size=16 --set eval_every=50 --set save_every=50 --set log_every=10
-  echo "$(date) end training $method rc=$?"
+  rc=$?
+  echo "$(date) end training $method rc=$rc"
 done

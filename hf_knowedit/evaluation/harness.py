@@ -2,9 +2,9 @@
 
 A run writes into its output directory:
 
-- `settings.json`: what was run (method and config, model, dataset, selection, mode, schedule, protocols, seed). A
-  later run into the same directory must have the same settings, and then resumes it; `overwrite=True` deletes it
-  and starts afresh.
+- `settings.json`: what was run (method and config, model, dataset, selection, mode, schedule, protocols, seed), and
+  the SHA-256 of the dataset file. A later run into the same directory must have the same settings (the same dataset
+  file may be named by another path), and then resumes it; `overwrite=True` deletes it and starts afresh.
 - `pre.jsonl`: one line per case, the untouched model's scores (and the raw locality outputs that "unchanged" compares
   with).
 - `results.jsonl`: one line per case: pre and post scores, skipped metrics with reasons, seconds, peak memory.
@@ -350,17 +350,34 @@ class _Processes:
 
 
 # -- the run -------------------------------------------------------------------------------------------------------
+def _file_sha256(path) -> str | None:
+    """The SHA-256 of a file's bytes, or `None` when it cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
 def _prepare_output(output_dir: Path, settings: EvaluationSettings, overwrite: bool) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / SETTINGS_NAME
+    dataset_sha256 = _file_sha256(settings.dataset)
     if path.is_file():
         stored = json.loads(path.read_text(encoding="utf-8"))
         stored.pop("hf_knowedit_version", None)
+        stored_sha256 = stored.pop("dataset_sha256", None)
         try:
             previous = EvaluationSettings(**stored).comparable()
         except (TypeError, EvaluationSettingsError):
             previous = stored
         current = settings.comparable()
+        if (previous.get("dataset") != current["dataset"] and dataset_sha256 is not None
+                and (stored_sha256 or _file_sha256(previous.get("dataset", ""))) == dataset_sha256):
+            previous["dataset"] = current["dataset"]  # the same file, named by another path (relative, moved)
         differing = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
         if differing and not overwrite:
             details = "; ".join(f"{k}: {previous.get(k)!r} there, {current.get(k)!r} now" for k in differing)
@@ -371,7 +388,7 @@ def _prepare_output(output_dir: Path, settings: EvaluationSettings, overwrite: b
     if overwrite:
         for name in (SETTINGS_NAME, PRE_NAME, RESULTS_NAME, CURVE_NAME, SUMMARY_NAME):
             (output_dir / name).unlink(missing_ok=True)
-    write_json(path, asdict(settings))
+    write_json(path, {**asdict(settings), "dataset_sha256": dataset_sha256})
 
 
 def _seed(seed: int) -> None:
