@@ -309,6 +309,34 @@ def test_chat_template_is_applied_to_every_prompt_and_to_the_edit(dataset, tmp_p
     assert args.chat_template
 
 
+@pytest.mark.parametrize("mode", ["single", "sequential"])
+def test_the_editor_does_not_see_the_probes_it_is_scored_on(dataset, tmp_path, monkeypatch, mode):
+    seen = []
+    add_edits = EditedModel.add_edits
+
+    def spy(self, config, requests, **kwargs):
+        seen.extend(requests)
+        return add_edits(self, config, requests, **kwargs)
+
+    monkeypatch.setattr(EditedModel, "add_edits", spy)
+    _run(_settings(dataset, mode, n=2), tmp_path / "hidden")
+    cases = load_edit_dataset(dataset)[:2]
+    assert [(r.filled_prompt, r.target_new, r.target_true) for r in seen] == \
+        [(c.filled_prompt, c.target_new, c.target_true) for c in cases]
+    assert not any(r.rephrase_prompts or r.locality or r.portability for r in seen)
+    seen.clear()
+    summary = _run(_settings(dataset, mode, n=2, editor_sees_probes=True), tmp_path / "shown")
+    assert seen == cases and summary["settings"]["editor_sees_probes"] is True
+    with pytest.raises(EvaluationSettingsError, match="editor_sees_probes: True there, False now"):
+        _run(_settings(dataset, mode, n=2), tmp_path / "shown")
+    settings = json.loads((tmp_path / "shown" / "settings.json").read_text())
+    del settings["editor_sees_probes"]  # a run made before the setting existed gave the editor every probe
+    (tmp_path / "shown" / "settings.json").write_text(json.dumps(settings))
+    _run(_settings(dataset, mode, n=2, editor_sees_probes=True), tmp_path / "shown")
+    with pytest.raises(EvaluationSettingsError, match="editor_sees_probes must be True or False"):
+        _settings(dataset, editor_sees_probes="no")
+
+
 def test_chat_template_bos_is_not_doubled():
     tokenizer = _chat_tokenizer("{{ bos_token }}" + CHAT_TEMPLATE)
     assert chat_prompt(tokenizer, "Hi") == "<|endoftext|>" + _chat("Hi")  # GPT-2 adds no BOS: the template's stays

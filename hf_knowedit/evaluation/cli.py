@@ -35,6 +35,10 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
                         help="Greedy tokens generated from the edit prompt for fluency (0: no fluency).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--label", default=None, help="The method's name in reports (default from the config).")
+    parser.add_argument("--editor-sees-probes", action="store_true",
+                        help="Give the editor each case's rephrase, locality and portability prompts too (by default "
+                             "it gets only the prompt, subject and targets, so no method is fitted to the prompts it "
+                             "is scored on).")
     parser.add_argument("--chat-template", action="store_true",
                         help="Put every prompt into the tokenizer's chat template (the user's turn; the target "
                         "continues the assistant's), for editing and scoring.")
@@ -75,6 +79,7 @@ def run_evaluate_command(args) -> int:
         seed=args.seed,
         label=args.label,
         chat_template=args.chat_template,
+        editor_sees_probes=args.editor_sees_probes,
         dtype=args.dtype,
         device_map=args.device_map,
     )

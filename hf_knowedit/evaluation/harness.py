@@ -62,7 +62,7 @@ import random
 import re
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -139,6 +139,10 @@ class EvaluationSettings:
             loaded in when the harness loads it.
         device_map (`str`, *optional*): accelerate device map the harness loads the model with (e.g. `"auto"`); not
             part of the settings a resumed run must share.
+        editor_sees_probes (`bool`, *optional*, defaults to `False`): give the editor each case's rephrase, locality
+            and portability prompts too. By default it receives only the prompt, subject and targets, so that no
+            method (T-Patcher's memory loss, KN's refinement over paraphrases) is fitted to the prompts it is then
+            scored on. Runs made before this setting existed gave the probes to the editor and read as `True`.
     """
 
     method: str
@@ -157,6 +161,7 @@ class EvaluationSettings:
     chat_template: bool = False
     dtype: str = "float32"
     device_map: str | None = None
+    editor_sees_probes: bool = False
 
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -185,8 +190,9 @@ class EvaluationSettings:
             raise EvaluationSettingsError(
                 f"fluency_tokens must be a non-negative integer, got {self.fluency_tokens!r}."
             )
-        if not isinstance(self.chat_template, bool):
-            raise EvaluationSettingsError(f"chat_template must be True or False, got {self.chat_template!r}.")
+        for name in ("chat_template", "editor_sees_probes"):
+            if not isinstance(getattr(self, name), bool):
+                raise EvaluationSettingsError(f"{name} must be True or False, got {getattr(self, name)!r}.")
 
     def comparable(self) -> dict:
         """The settings a resumed run must share; `n` may grow in `single`/`batch` modes (cases are independent)."""
@@ -370,6 +376,7 @@ def _prepare_output(output_dir: Path, settings: EvaluationSettings, overwrite: b
         stored = json.loads(path.read_text(encoding="utf-8"))
         stored.pop("hf_knowedit_version", None)
         stored_sha256 = stored.pop("dataset_sha256", None)
+        stored.setdefault("editor_sees_probes", True)  # runs made before the setting gave the editor every probe
         try:
             previous = EvaluationSettings(**stored).comparable()
         except (TypeError, EvaluationSettingsError):
@@ -569,6 +576,13 @@ def run_evaluation(
         bar.set_postfix(running.postfix())
         write_summary()  # a partial summary (complete: false) survives an interruption
 
+    def edit_requests(chunk):
+        """The requests the editor receives: without the probes it is scored on, unless the settings say so."""
+        requests = [by_index[i] for i in chunk]
+        if settings.editor_sees_probes:
+            return requests
+        return [replace(r, rephrase_prompts=[], locality=[], portability=[]) for r in requests]
+
     def edit_and_score(item):
         """One chunk of `single` or `batch` mode: edit the untouched model, score, remove the edit, check."""
         chunk_no, chunk = item
@@ -576,7 +590,7 @@ def run_evaluation(
             torch.cuda.reset_peak_memory_stats()
         _seed(settings.seed + chunk_no)
         start = time.perf_counter()
-        edited.add_edits(config, [by_index[i] for i in chunk], edit_name=EDIT_NAME)
+        edited.add_edits(config, edit_requests(chunk), edit_name=EDIT_NAME)
         edit_seconds = (time.perf_counter() - start) / len(chunk)
         records = score_and_record(chunk, chunk_no, edit_seconds, len(chunk))
         edited.delete_edit(EDIT_NAME)
@@ -611,7 +625,7 @@ def run_evaluation(
                 torch.cuda.reset_peak_memory_stats()
             _seed(settings.seed + chunk_no)
             start = time.perf_counter()
-            edited.add_edits(config, [by_index[i] for i in chunk], edit_name=EDIT_NAME)
+            edited.add_edits(config, edit_requests(chunk), edit_name=EDIT_NAME)
             edit_seconds = (time.perf_counter() - start) / len(chunk)
             applied += len(chunk)
             edit_times.update(dict.fromkeys(chunk, edit_seconds))
