@@ -21,7 +21,7 @@ from hf_knowedit.evaluation import (
 )
 from hf_knowedit.evaluation.cli import add_evaluate_parser, add_report_parser
 from hf_knowedit.evaluation.probes import ChatTemplateError, apply_chat_template, chat_prompt
-from hf_knowedit.evaluation.report import write_report
+from hf_knowedit.evaluation.report import find_summaries, markdown_tables, write_report
 from hf_knowedit.scoring import BatchScorer
 from hf_knowedit.utils import parse_overrides
 
@@ -335,6 +335,10 @@ def test_the_editor_does_not_see_the_probes_it_is_scored_on(dataset, tmp_path, m
     _run(_settings(dataset, mode, n=2, editor_sees_probes=True), tmp_path / "shown")
     with pytest.raises(EvaluationSettingsError, match="editor_sees_probes must be True or False"):
         _settings(dataset, editor_sees_probes="no")
+    table = markdown_tables(find_summaries([tmp_path / "hidden", tmp_path / "shown"]))
+    rows = [line for line in table.splitlines() if line.startswith("| FT") and f"| {mode}" in line]
+    assert sorted(f"| {mode} †" in row for row in rows) == [False, True]
+    assert "† The editor was given the rephrase, locality and portability prompts" in table
 
 
 def test_chat_template_bos_is_not_doubled():

@@ -113,18 +113,27 @@ def markdown_tables(runs: list[tuple[Path, dict]], protocol: str = "token_accura
         seconds = eff["edit_seconds_per_case"]["mean"]
         rss = eff.get("rss_peak_bytes")
         lines.append(
-            f"| {summary['method_label']} | {summary['dataset_name']} | {summary['mode']} | {summary['batch_size']} | "
-            f"{summary['eval_schedule']} | {summary['num_completed']}/{summary['num_cases']} | "
+            f"| {summary['method_label']} | {summary['dataset_name']} | {summary['mode']}"
+            f"{' †' if _editor_saw_probes(summary) else ''} | {summary['batch_size']} | {summary['eval_schedule']} | {summary['num_completed']}/{summary['num_cases']} | "
             + " | ".join(_cell(summary, metric, protocol) for metric, _ in ALL_METRICS)
             + f" | {f'{seconds:.2f}' if seconds is not None else '–'} | {f'{rss / 1e9:.2f}' if rss else '–'} | "
             f"`{_rel(directory, relative_to)}` |"
         )
+    if any(_editor_saw_probes(summary) for _, summary in runs):
+        lines += ["", "† The editor was given the rephrase, locality and portability prompts it was scored on "
+                  "(`editor_sees_probes`; runs made before that setting existed read as such)."]
     return "\n".join(lines) + "\n"
+
+
+def _editor_saw_probes(summary: dict) -> bool:
+    return summary.get("settings", {}).get("editor_sees_probes", True)
 
 
 def _describe(summary: dict) -> str:
     text = f"{summary['mode']}, batch {summary['batch_size']}, schedule {summary['eval_schedule']}, " \
            f"{summary['num_completed']}/{summary['num_cases']} cases"
+    if _editor_saw_probes(summary):
+        text += ", the editor saw the probes"
     if "shown_at_checkpoint" in summary:
         text += f", interrupted: scores of the checkpoint after {summary['shown_at_checkpoint']} edits"
     return text + ("" if summary.get("complete", True) else ", incomplete")
