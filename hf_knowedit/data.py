@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import EditRequestError, KnowEditError
+from .errors import EditConfigError, EditRequestError, KnowEditError
 from .requests import SUBJECT_PLACEHOLDER, EditRequest, EvalPrompt, _flatten
 from .utils import get_logger
 
@@ -261,6 +261,17 @@ def load_edit_dataset(
             f"{', or pass n=None to take all the requests after offset' if n is not None else ''}."
         )
     return requests[offset:wanted]
+
+
+def load_config_records(path: str | os.PathLike, max_records: int, field: str) -> list[EditRequest]:
+    """The first `max_records` records of an edit dataset file that a config field names (IKE's demonstrations, a
+    T-Patcher memory set); an `EditConfigError` naming `field` when the file is missing or unreadable."""
+    if not Path(path).expanduser().is_file():
+        raise EditConfigError(f"{field} {str(path)!r} does not exist; give an edit dataset file.")
+    try:
+        return load_edit_dataset(Path(path).expanduser())[:max_records]
+    except KnowEditError as error:
+        raise EditConfigError(f"{field} {str(path)!r} cannot be read as an edit dataset: {error}") from error
 
 
 class _LoadStats:

@@ -19,6 +19,7 @@ from hf_knowedit.methods.grace import GRACEConfig
 from hf_knowedit.methods.ike import IKEConfig
 from hf_knowedit.methods.ike.editor import load_demonstration_pool
 from hf_knowedit.methods.tpatcher import TPatcherConfig
+from hf_knowedit.methods.tpatcher.editor import memory_file_prompts
 from hf_knowedit.tokenization import encode_prompt_target
 
 from .helpers import COUNTERFACT_TRAIN, TOKENIZER, model_inputs, target_log_prob
@@ -204,6 +205,31 @@ def test_ike_demonstrations_from_any_dataset_format(tmp_path):
     for wrong, match in ((bad, "cannot be read as an edit dataset"), (tmp_path / "missing.json", "does not exist")):
         with pytest.raises(EditConfigError, match=match):
             EditedModel(tiny_model("gpt2"), TOKENIZER).add_edits(IKEConfig(demonstrations_file=str(wrong)), [REQUEST])
+
+
+def test_tpatcher_memory_set_from_a_dataset_file(tmp_path):
+    """T-Patcher's memory set from a train split (the paper's): the records' edit and locality prompts, on which the
+    patch stays silent, so their outputs are those of the base model."""
+    records = [{"prompt": "The mother tongue of {} is", "subject": name, "target_new": "French",
+                "ground_truth": "English", "rephrase_prompt": f"{name} speaks",
+                "locality_prompt": f"{name} was born in", "locality_ground_truth": "Paris"}
+               for name in ("Anna Smith", "Bo Chen", "Carl Ode")]
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(records), encoding="utf-8")
+    assert memory_file_prompts(str(path), 2) == ("The mother tongue of Anna Smith is", "Anna Smith was born in",
+                                                  "The mother tongue of Bo Chen is", "Bo Chen was born in")
+    base = base_model("llama")
+    memory = list(memory_file_prompts(str(path), 3))
+    before = logits(base, memory)
+    config = TPatcherConfig(num_steps=30, lr=5e-2, memory_file=str(path), memory_records=3)
+    model = EditedModel(base, TOKENIZER).add_edits(config, [REQUEST])
+    assert model.get_edit().stats["tpatcher_memory_fire_rate"] == 0.0
+    torch.testing.assert_close(logits(model, memory), before, rtol=0, atol=0)
+    for wrong, match in ((tmp_path / "missing.json", "does not exist"),):
+        with pytest.raises(EditConfigError, match=match):
+            EditedModel(base_model("llama"), TOKENIZER).add_edits(TPatcherConfig(memory_file=str(wrong)), [REQUEST])
+    with pytest.raises(EditConfigError, match="memory_records"):
+        TPatcherConfig(memory_records=0)
 
 
 @pytest.mark.parametrize("arch", DECODER_ARCHITECTURES)

@@ -1,9 +1,7 @@
-from pathlib import Path
 
-from ...data import load_edit_dataset
+from ...data import load_config_records
 from ...edited_model import MODEL_ROOT
 from ...editor import BaseEditor
-from ...errors import EditConfigError, KnowEditError
 from .config import IKEConfig
 from .memory import InContextMemory, demonstration, fact_text
 from .retrieval import TfidfIndex
@@ -17,13 +15,7 @@ def load_demonstration_pool(path: str, max_records: int) -> list[dict]:
     paraphrase (answered with the new target) and a *retain* one per locality prompt with an answer (answered as
     before), as in Zheng et al. (2023).
     """
-    if not Path(path).expanduser().is_file():
-        raise EditConfigError(f"IKEConfig.demonstrations_file {path!r} does not exist; give an edit dataset file.")
-    try:
-        requests = load_edit_dataset(Path(path).expanduser())[:max_records]
-    except KnowEditError as error:
-        raise EditConfigError(f"IKEConfig.demonstrations_file {path!r} cannot be read as an edit dataset: {error}") \
-            from error
+    requests = load_config_records(path, max_records, "IKEConfig.demonstrations_file")
     pool = []
     for request in requests:
         fact = fact_text(request.filled_prompt, request.target_new)

@@ -36,6 +36,12 @@ class TPatcherConfig(EditConfig):
             Score margin of both hinges.
         memory_prompts (`list[str]`, *optional*, defaults to `None`):
             Out-of-scope prompts on which patches must stay silent; `None` uses a few generic sentences.
+        memory_file (`str`, *optional*, defaults to `None`):
+            An edit dataset file (any file :func:`~hf_knowedit.load_edit_dataset` reads, e.g. a train split) whose
+            first `memory_records` records give memory prompts too: each record's edit prompt and locality prompts.
+            This is the paper's memory set, sampled from training data; it is never the data an edit is scored on.
+        memory_records (`int`, *optional*, defaults to `64`):
+            Records of `memory_file` used.
     """
 
     edit_type: ClassVar[str] = "tpatcher"
@@ -49,12 +55,16 @@ class TPatcherConfig(EditConfig):
     memory_prompts: list[str] | None = field(
         default=None, metadata={"help": "Out-of-scope prompts; None uses a few generic sentences."}
     )
+    memory_file: str | None = field(
+        default=None, metadata={"help": "Edit dataset (e.g. a train split) whose first records give memory prompts."}
+    )
+    memory_records: int = field(default=64, metadata={"help": "Records of memory_file used."})
 
     def __post_init__(self):
         super().__post_init__()
         if self.layers is not None and len(self.layers) != 1:
             raise EditConfigError(f"TPatcherConfig.layers must name one block, got {self.layers}.")
-        for name in ("neurons_per_edit", "num_steps"):
+        for name in ("neurons_per_edit", "num_steps", "memory_records"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise EditConfigError(f"TPatcherConfig.{name} must be a positive integer, got {value!r}.")
@@ -66,6 +76,8 @@ class TPatcherConfig(EditConfig):
                 raise EditConfigError(f"TPatcherConfig.{name} must be a finite number >= 0 (lr > 0), got {value!r}.")
         if self.memory_prompts is not None and not all(isinstance(p, str) and p.strip() for p in self.memory_prompts):
             raise EditConfigError("TPatcherConfig.memory_prompts must be a list of non-empty strings.")
+        if self.memory_file is not None and not (isinstance(self.memory_file, str) and self.memory_file.strip()):
+            raise EditConfigError(f"TPatcherConfig.memory_file must be a path or None, got {self.memory_file!r}.")
 
     def default_layers(self, layout):
         return [layout.num_layers - 1]

@@ -1,5 +1,8 @@
+import functools
+
 import torch
 
+from ...data import load_config_records
 from ...devices import input_device
 from ...editor import BaseEditor
 from ...errors import EditFailedError
@@ -26,6 +29,13 @@ GENERIC_MEMORY_PROMPTS = [
 ]
 
 
+@functools.lru_cache(maxsize=4)
+def memory_file_prompts(path: str, records: int) -> tuple[str, ...]:
+    """The edit prompts and locality prompts of the first `records` records of an edit dataset file."""
+    requests = load_config_records(path, records, "TPatcherConfig.memory_file")
+    return tuple(dict.fromkeys(p for r in requests for p in [r.filled_prompt, *(probe.prompt for probe in r.locality)]))
+
+
 class TPatcherEditor(BaseEditor):
     """Trains `neurons_per_edit` patches per request beside the last FFN; the base weights are never touched.
 
@@ -50,6 +60,8 @@ class TPatcherEditor(BaseEditor):
         device = input_device(model)
         tokenizer = edited_model.tokenizer
         memory_prompts = list(config.memory_prompts if config.memory_prompts is not None else GENERIC_MEMORY_PROMPTS)
+        if config.memory_file is not None:
+            memory_prompts += memory_file_prompts(config.memory_file, config.memory_records)
         memory_prompts += [p.prompt for r in requests for p in r.locality]
         shared_memory = self.ffn_inputs(edited_model, path, memory_prompts, device)
         patches, fire_rates = [], []
