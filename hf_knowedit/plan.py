@@ -732,25 +732,30 @@ def _plan_kn(ctx: _Context) -> list[Phase]:
     steps = config.steps
     # The position that predicts the answer: the prompt's last token (an encoder-decoder's first decoder position).
     longest = 1 if spec.is_encoder_decoder else max(s.longest_prompt for s in ctx.shapes)
-    tokens = steps * longest
     first = min(layers)
     # lm_head.weight.float(): a copy unless the model is in fp32
     embedding = spec.vocab_size * spec.hidden_size * FP32 if sizes.b != FP32 else 0
     attributions = len(layers) * spec.intermediate_size * FP32 * (1 + max(len(s.rephrase_tokens) for s in ctx.shapes))
     held = {"output_embedding_fp32": embedding, "attributions": attributions}
-    # Integrated gradients of the first layer: `steps` scaled copies of the prompt, every later block in the graph.
-    # The logits' gradient is as large as the full logits; in fp32 the logits themselves stay alive too (the
-    # probability is read through a view of them), in half precision `.float()` copies the read position instead.
+    # Integrated gradients of the first layer: `steps` scaled copies, every later block in the graph. A decoder-only
+    # prompt of several tokens shares its prefix's key/value cache (expanded to the copies), so each copy runs its
+    # last token alone. The logits' gradient is as large as the full logits; in fp32 the logits themselves stay
+    # alive too (the probability is read through a view of them), in half precision `.float()` copies the read
+    # position instead.
+    cached = not spec.is_encoder_decoder and longest > 1
+    tokens = steps if cached else steps * longest
     full_logits = (2 if sizes.b == FP32 else 1) * sizes.logits(tokens)
     ig = ctx.weights_phase(
         f"integrated gradients (layer {first}, {steps} steps)", **held,
-        activations=sizes.blocks_saved(spec.num_layers - first - 1, tokens, longest) + sizes.hidden(tokens)
-        + tokens * spec.intermediate_size * sizes.b,
+        activations=sizes.blocks_saved(spec.num_layers - first - 1, tokens, 1 if cached else longest)
+        + sizes.hidden(tokens) + tokens * spec.intermediate_size * sizes.b,
+        kv_cache=sizes.kv_cache(steps * (longest - 1)) if cached else 0,
         logits_and_loss=full_logits + sizes.upcast(steps) + 2 * sizes.logits32(steps),
     )
     probe = ctx.weights_phase("neuron activations", **held, **sizes.full_forward(longest))
     ctx.assumptions.update(kn_layers=f"{first}..{max(layers)}" if len(layers) > 1 else layers,
-                           kn_attributed_tokens=f"{steps} x {longest}")
+                           kn_attributed_tokens=f"{steps} x {1 if cached else longest}",
+                           kn_prefix_cache=cached)
     return [probe, ig]
 
 

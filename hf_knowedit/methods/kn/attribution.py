@@ -78,7 +78,7 @@ def neuron_activations(model, modules: dict[int, nn.Module], probe: PromptProbe)
     handles = [m.register_forward_pre_hook(make_hook(layer)) for layer, m in modules.items()]
     try:
         with torch.no_grad():
-            probe.reference_logits = model(**probe.inputs).logits[0, probe.position].detach().float()
+            probe.reference_logits = model(**probe.inputs).logits[0, probe.position].detach().float().clone()
     finally:
         for handle in handles:
             handle.remove()
