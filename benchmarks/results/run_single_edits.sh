@@ -3,6 +3,7 @@
 # method, then grown to 200 (the harness resumes a run whose n grows in single mode).
 # Usage: SIZES="25 200" [METHODS="name:config ..."] [TRAIN_AT=25] benchmarks/results/run_single_edits.sh  (this page's runs:
 # SIZES=25; MEND and KE are trained first when their editors are missing, with 8-minute budgets; see train_editors.sh).
+# EXTRA_ARGS are added to every evaluation (e.g. --editor-sees-probes to grow a run made with that setting).
 source "$(dirname "$0")/common.sh"
 run() {  # run NAME CONFIG DATASET_TAG N
   local name=$1 config=$2 tag=$3 n=$4 data
@@ -10,7 +11,7 @@ run() {  # run NAME CONFIG DATASET_TAG N
   mkdir -p runs/$tag/${name}_single
   echo "$(date) start runs/$tag/${name}_single n=$n"
   .venv/bin/hf-knowedit evaluate --config $config --dataset $data --n $n --mode single --fluency-tokens 0 \
-     --protocols token_accuracy,prob_comparison --output runs/$tag/${name}_single
+     --protocols token_accuracy,prob_comparison --output runs/$tag/${name}_single $EXTRA_ARGS
   rc=$?
   echo "$(date) end runs/$tag/${name}_single rc=$rc"
 }
