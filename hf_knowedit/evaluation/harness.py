@@ -67,6 +67,7 @@ from pathlib import Path
 
 import torch
 
+from ..artifacts import file_sha256
 from ..config import build_config
 from ..data import load_edit_dataset
 from ..devices import input_device
@@ -358,14 +359,10 @@ class _Processes:
 # -- the run -------------------------------------------------------------------------------------------------------
 def _file_sha256(path) -> str | None:
     """The SHA-256 of a file's bytes, or `None` when it cannot be read."""
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+        return file_sha256(path)
     except OSError:
         return None
-    return digest.hexdigest()
 
 
 def _prepare_output(output_dir: Path, settings: EvaluationSettings, overwrite: bool) -> None:

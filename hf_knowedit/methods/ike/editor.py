@@ -1,4 +1,3 @@
-
 from ...data import load_config_records
 from ...edited_model import MODEL_ROOT
 from ...editor import BaseEditor

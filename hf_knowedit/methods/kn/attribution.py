@@ -91,6 +91,24 @@ def integrated_gradients(model, module: nn.Module, probe: PromptProbe, activatio
     alphas = torch.arange(1, steps + 1, device=activation.device, dtype=torch.float32) / steps
     scaled = (alphas[:, None] * activation[None]).requires_grad_(True)
     cached = _prefix_cached_inputs(model, probe, steps)
+    logits = _scaled_logits(model, module, probe, scaled, cached)
+    if cached is not None and not probe.prefix_cache_checked:
+        probe.prefix_cache_checked = True
+        if not _agrees(logits[-1].detach(), probe.reference_logits, model_dtype(model)):
+            logger.warning("The key/value cache of %s gives other logits than its full forward pass: attributing "
+                           "without it (slower).", type(model).__name__)
+            probe.use_prefix_cache = False
+            logits = _scaled_logits(model, module, probe, scaled, None)
+    with torch.enable_grad():
+        probabilities = logits.softmax(-1)[:, token]
+        (grads,) = torch.autograd.grad(probabilities.sum(), scaled)
+    return activation * grads.mean(0)
+
+
+def _scaled_logits(model, module: nn.Module, probe: PromptProbe, scaled: torch.Tensor, cached: dict | None):
+    """Logits at the predicting position of the scaled copies, `(steps, vocab)` fp32, in the graph of `scaled`: the
+    whole prompt per copy, or its last token over the shared prefix cache (`cached`)."""
+    steps = scaled.shape[0]
     if cached is None:
         inputs = {k: v.expand(steps, *v.shape[1:]) for k, v in probe.inputs.items()}
         position, seq_len = probe.position, probe.token_shape[1]
@@ -106,20 +124,9 @@ def integrated_gradients(model, module: nn.Module, probe: PromptProbe, activatio
     handle = module.register_forward_pre_hook(hook)
     try:
         with torch.enable_grad():
-            logits = model(**inputs).logits[:, position].float()
-            if cached is not None and not probe.prefix_cache_checked:
-                probe.prefix_cache_checked = True
-                if not _agrees(logits[-1].detach(), probe.reference_logits, model_dtype(model)):
-                    logger.warning("The key/value cache of %s gives other logits than its full forward pass: "
-                                   "attributing without it (slower).", type(model).__name__)
-                    probe.use_prefix_cache = False
-                    handle.remove()
-                    return integrated_gradients(model, module, probe, activation, token, steps)
-            probabilities = logits.softmax(-1)[:, token]
-            (grads,) = torch.autograd.grad(probabilities.sum(), scaled)
+            return model(**inputs).logits[:, position].float()
     finally:
         handle.remove()
-    return activation * grads.mean(0)
 
 
 def _prefix_cached_inputs(model, probe: PromptProbe, steps: int) -> dict | None:
