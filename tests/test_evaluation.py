@@ -366,3 +366,20 @@ def test_model_loaded_by_the_harness_in_the_given_dtype_and_device_map(dataset, 
         run_evaluation(settings, tmp_path / "run")
     with pytest.raises(EvaluationSettingsError, match="dtype must be"):
         EvaluationSettings(method="ft", config={}, model="m", dataset=dataset, dtype="int8")
+
+
+def _table_summary(method: str, completed: int, pre_reliability: float) -> dict:
+    stats = lambda mean: {"mean": mean, "ci95": [mean, mean]}  # noqa: E731
+    return {"method_label": method, "dataset_name": "cf", "mode": "single", "batch_size": 1, "eval_schedule": "final",
+            "num_completed": completed, "num_cases": completed, "settings": {"editor_sees_probes": False},
+            "metrics": {"pre": {"reliability": {"token_accuracy": stats(pre_reliability)}},
+                        "post": {"reliability": {"token_accuracy": stats(1.0)}}},
+            "efficiency": {"edit_seconds_per_case": {"mean": 1.0}, "rss_peak_bytes": None}}
+
+
+def test_unedited_row_comes_from_the_run_with_the_most_cases():
+    runs = [(Path("runs/a"), _table_summary("A", 25, 0.10)), (Path("runs/b"), _table_summary("B", 200, 0.25))]
+    table = markdown_tables(runs)
+    unedited = next(line for line in table.splitlines() if line.startswith("| *unedited model*"))
+    assert unedited.split(" | ")[1] == "25.0 ± 0.0"  # B's 200 cases, not A's 25 (A sorts first)
+    assert "- *unedited model* / cf: the pre-edit scores of `runs/b` (200 cases)" in table

@@ -95,14 +95,20 @@ def markdown_tables(runs: list[tuple[Path, dict]], protocol: str = "token_accura
             entry = best.get((method, dataset))
             cells += [_cell(entry[1], metric, protocol) if entry else "–" for metric, _ in TABLE_METRICS]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    cells = []
-    for dataset in datasets:  # the untouched model, scored on the same cases as the first method's run
-        entry = next((best[(m, dataset)] for m in methods if (m, dataset) in best), None)
+    cells, unedited = [], {}
+    for dataset in datasets:  # the untouched model, scored on the cases of the table's run that covers the most
+        entries = [best[(m, dataset)] for m in methods if (m, dataset) in best]
+        entry = max(entries, key=lambda e: e[1]["num_completed"], default=None)
+        if entry:
+            unedited[dataset] = entry
         cells += [_cell(entry[1], metric, protocol, side="pre") if entry else "–" for metric, _ in TABLE_METRICS]
     lines.append("| *unedited model* | " + " | ".join(cells) + " |")
     lines += ["", "Runs behind each row (the run closest to one edit at a time):", ""]
     for (method, dataset), (directory, summary) in sorted(best.items()):
         lines.append(f"- {method} / {dataset}: `{_rel(directory, relative_to)}` ({_describe(summary)})")
+    for dataset, (directory, summary) in unedited.items():
+        lines.append(f"- *unedited model* / {dataset}: the pre-edit scores of `{_rel(directory, relative_to)}` "
+                     f"({summary['num_completed']} cases)")
     lines += ["", "All runs:", "",
               "| Method | Dataset | Mode | Batch | Schedule | Cases | "
               + " | ".join(label for _, label in ALL_METRICS) + " | Edit s/case | Peak RSS GB | Run |",
