@@ -835,7 +835,7 @@ def _ke_network_bytes(config, shapes: list[tuple[int, int]], embedding_size: int
 
 
 def _gradient_editor_phases(ctx: _Context, network_bytes: Callable[[Any, list], int]) -> list[Phase]:
-    from .training.gradients import mlp_module_paths
+    from .training.gradients import GRADIENT_CHUNK, mlp_module_paths
 
     spec, sizes = ctx.spec, ctx.sizes
     trained = _trained_config(ctx)
@@ -855,11 +855,12 @@ def _gradient_editor_phases(ctx: _Context, network_bytes: Callable[[Any, list], 
     in_graph = spec.num_layers - first - (1 if ctx.config.target_modules == "mlp_out" else 0)
     captured = sum(tokens * (inp + out) * sizes.b for out, inp in shapes)
     factors = sum(tokens * (inp + out) * FP32 for out, inp in shapes)
+    chunk = min(ctx.num_requests, GRADIENT_CHUNK) * sequence  # one forward and backward per chunk of requests
     phases.append(ctx.weights_phase(
         "gradient of the edit loss", editor_network=network, captured_inputs_and_outputs=captured,
-        activations=sizes.blocks_saved(in_graph, tokens, sequence, padded=ctx.num_requests > 1)
-        + sizes.hidden(tokens),
-        logits_and_loss=sizes.loss_head(tokens, logits_held=True),
+        activations=sizes.blocks_saved(in_graph, chunk, sequence, padded=ctx.num_requests > 1)
+        + sizes.hidden(chunk),
+        logits_and_loss=sizes.loss_head(chunk, logits_held=True),
     ))
     phases.append(ctx.weights_phase("editor network: update factors", editor_network=network,
                                     captured_inputs_and_outputs=captured, gradient_factors=2 * factors))

@@ -4,6 +4,7 @@ Every method and metric tokenises through these functions, so that "the target t
 mean the same thing everywhere.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -100,6 +101,14 @@ class PromptTargetBatch:
         if self.is_encoder_decoder:
             inputs["decoder_input_ids"] = self.decoder_input_ids
         return inputs
+
+    def rows(self, start: int, stop: int) -> "PromptTargetBatch":
+        """The examples `start:stop`, with the padding of the whole batch (so each row is the same as in it)."""
+        cut = {name: getattr(self, name)[start:stop] for name in ("input_ids", "attention_mask", "labels")}
+        if self.decoder_input_ids is not None:
+            cut["decoder_input_ids"] = self.decoder_input_ids[start:stop]
+        return dataclasses.replace(self, **cut, prompt_lengths=self.prompt_lengths[start:stop],
+                                   target_lengths=self.target_lengths[start:stop])
 
     def to(self, device) -> "PromptTargetBatch":
         for name in ("input_ids", "attention_mask", "labels", "decoder_input_ids"):

@@ -132,3 +132,21 @@ def test_decoder_architectures_train_and_edit(method, arch, tmp_path):
     assert not torch.equal(logits(edited), before)
     with edited.disable_edits():
         assert torch.equal(logits(edited), before)
+
+
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+def test_edit_gradients_in_chunks_equal_one_pass(arch):
+    from hf_knowedit.training.gradients import layer_gradients
+
+    model = tiny_model(arch)
+    requests = REQUESTS[:5]
+    prompts = [r.filled_prompt + " really" * i for i, r in enumerate(requests)]  # rows of different lengths
+    batch = encode_prompt_target(TOKENIZER, prompts, [r.target_new for r in requests], model=model)
+    paths = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)][-3:-1]
+    whole, chunked = layer_gradients(model, paths, batch, chunk_size=5), layer_gradients(model, paths, batch, 2)
+    for path in paths:
+        for name in ("inputs", "output_grads"):
+            torch.testing.assert_close(getattr(chunked[path], name), getattr(whole[path], name), atol=1e-6, rtol=1e-5)
+        assert whole[path].output_grads.abs().sum() > 0
+        assert torch.equal(chunked[path].request_index, whole[path].request_index)
+        assert chunked[path].request_index.unique().tolist() == [0, 1, 2, 3, 4]

@@ -57,12 +57,31 @@ def encode(tokenizer, model, prompts: list[str], targets: list[str]) -> PromptTa
     return encode_prompt_target(tokenizer, prompts, targets, model=model).to(input_device(model))
 
 
-def layer_gradients(model: nn.Module, paths: list[str], batch: PromptTargetBatch) -> dict[str, LayerGradient]:
-    """`u` and `δ` at each module of `paths` for the loss `Σ_requests NLL(target)` of `batch` (the edit loss).
+GRADIENT_CHUNK = 32
+"""Requests per forward and backward pass of :func:`layer_gradients`: each token's factors depend on its own request
+only, so a large batch of edits (MEND's or KE's batch of 1,000) is taken in chunks with the same result, and the
+activations held at once are those of `GRADIENT_CHUNK` requests."""
+
+
+def layer_gradients(
+    model: nn.Module, paths: list[str], batch: PromptTargetBatch, chunk_size: int = GRADIENT_CHUNK
+) -> dict[str, LayerGradient]:
+    """`u` and `δ` at each module of `paths` for the loss `Σ_requests NLL(target)` of `batch` (the edit loss), from
+    one forward and backward pass per `chunk_size` requests.
 
     The base weights need no gradient: the outputs of the hooked modules are made differentiable leaves when nothing
     upstream requires a gradient.
     """
+    parts = [_chunk_gradients(model, paths, batch.rows(start, start + chunk_size), start)
+             for start in range(0, batch.input_ids.shape[0], chunk_size)]
+    if len(parts) == 1:
+        return parts[0]
+    return {path: LayerGradient(*(torch.cat([getattr(part[path], name) for part in parts])
+                                  for name in ("inputs", "output_grads", "request_index")))
+            for path in paths}
+
+
+def _chunk_gradients(model, paths, batch: PromptTargetBatch, first_request: int) -> dict[str, LayerGradient]:
     captured_inputs, captured_outputs = {}, {}
 
     def make_hook(path):
@@ -86,7 +105,7 @@ def layer_gradients(model: nn.Module, paths: list[str], batch: PromptTargetBatch
         for handle in handles:
             handle.remove()
     mask = token_mask(batch)
-    request_index = torch.nonzero(mask)[:, 0]
+    request_index = torch.nonzero(mask)[:, 0] + first_request
     result = {}
     for path, grad in zip(paths, grads, strict=True):
         inputs = as_token_grid(captured_inputs[path], mask.shape)
