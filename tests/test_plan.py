@@ -95,6 +95,21 @@ def test_scales_with_batch_size_and_dtype(llama):
     assert evaluate.total_bytes > one.total_bytes and "scoring before the edit" in evaluate.phases
 
 
+@pytest.mark.parametrize("method", ["mend", "ke"])
+def test_gradient_editors_plan_their_chunks_of_requests(llama, method):
+    from hf_knowedit.training.gradients import GRADIENT_CHUNK
+
+    shape = RequestShape(prompt_tokens=10, target_tokens=2)
+    plans = {b: estimate_peak_memory(method, llama, request_shape=shape, batch_size=b,
+                                     overrides={"editor": "untrained"}) for b in (GRADIENT_CHUNK, 1000)}
+    small, large = plans[GRADIENT_CHUNK], plans[1000]
+    # One forward and backward per chunk: the activations and logits do not grow past a chunk; the captured
+    # factors of every token do.
+    assert large.components["activations"] == small.components["activations"]
+    assert large.components["logits and loss"] == small.components["logits and loss"]
+    assert large.components["captured inputs and outputs"] > 30 * small.components["captured inputs and outputs"]
+
+
 def test_reads_a_model_folder_without_its_weights(llama, model_dir):
     spec = read_model_spec(str(model_dir))
     assert spec.num_parameters == sum(p.numel() for p in llama.parameters())
