@@ -91,6 +91,8 @@ def test_each_mode_writes_records_and_summary(runs, key):
         assert record["edit_seconds"] > 0 and record["memory"]["rss_peak_bytes"] > 0
         assert record["post"]["scores"]["reliability"]["token_accuracy"]["protocol"] == "token_accuracy"
         assert "locality_unchanged" not in record["pre"]["scores"]
+        # the generations behind fluency are kept, before and after the edit
+        assert all(isinstance(record[k]["fluency_text"], str) and record[k]["fluency_text"] for k in ("pre", "post"))
     assert summary["complete"] and summary["num_completed"] == 5
     assert summary["eval_schedule"] == key[2] and summary["protocols"] == ["token_accuracy", "prob_comparison",
                                                                           "exact_match"]

@@ -3,7 +3,8 @@
 # method, then grown to 200 (the harness resumes a run whose n grows in single mode).
 # Usage: SIZES="25 200" [METHODS="name:config ..."] [TRAIN_AT=25] benchmarks/results/run_single_edits.sh  (this page's runs:
 # SIZES=25; MEND and KE are trained first when their editors are missing, with 8-minute budgets; see train_editors.sh).
-# EXTRA_ARGS are added to every evaluation (e.g. --editor-sees-probes to grow a run made with that setting).
+# EXTRA_ARGS are added to every evaluation (e.g. --editor-sees-probes to grow a run made with that setting);
+# DATASETS="counterfact" limits the runs to one dataset (default: counterfact zsre).
 source "$(dirname "$0")/common.sh"
 run() {  # run NAME CONFIG DATASET_TAG N
   local name=$1 config=$2 tag=$3 n=$4 data
@@ -29,7 +30,7 @@ while [ -n "$WAIT" ] && kill -0 $WAIT 2>/dev/null; do sleep 5; done
 for n in ${SIZES:-40 200}; do
   for spec in ${METHODS:-$ALL}; do
     IFS=: read name config <<< "$spec"
-    for tag in counterfact zsre; do run $name $config $tag $n; done
+    for tag in ${DATASETS:-counterfact zsre}; do run $name $config $tag $n; done
   done
   if [ $n = ${TRAIN_AT:-40} ]; then
     [ -f runs/mend-smollm2/editor/editor_weights.safetensors ] || train mend 8
@@ -37,7 +38,7 @@ for n in ${SIZES:-40 200}; do
   fi
   for spec in mend:editing_configs/mend/llama.json ke:editing_configs/ke/llama.json; do
     IFS=: read name config <<< "$spec"
-    for tag in counterfact zsre; do run $name $config $tag $n; done
+    for tag in ${DATASETS:-counterfact zsre}; do run $name $config $tag $n; done
   done
 done
 echo "$(date) queue done"

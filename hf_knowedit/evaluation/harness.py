@@ -7,7 +7,8 @@ A run writes into its output directory:
   file may be named by another path), and then resumes it; `overwrite=True` deletes it and starts afresh.
 - `pre.jsonl`: one line per case, the untouched model's scores (and the raw locality outputs that "unchanged" compares
   with).
-- `results.jsonl`: one line per case: pre and post scores, skipped metrics with reasons, seconds, peak memory.
+- `results.jsonl`: one line per case: pre and post scores, skipped metrics with reasons, the fluency generations (when
+  fluency is scored), seconds, peak memory.
 - `curve.jsonl` (sequential runs with `every:K`): the mean scores of all cases edited so far, every K edits.
 - `summary.json`: means with 95% confidence intervals, skip counts, efficiency, versions.
 
@@ -405,7 +406,13 @@ def _chunks(indices: list[int], size: int) -> list[list[int]]:
 
 
 def _strip_raw(result: dict) -> dict:
-    return {"scores": result["scores"], "skipped": result["skipped"]}
+    """What a case record keeps of a scoring pass: the scores, the skips, and the fluency generation when there is one
+    (the raw outputs "unchanged" compares stay in `pre.jsonl`)."""
+    kept = {"scores": result["scores"], "skipped": result["skipped"]}
+    text = result["raw"].get("fluency_text")
+    if text is not None:
+        kept["fluency_text"] = text
+    return kept
 
 
 def run_evaluation(
