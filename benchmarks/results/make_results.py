@@ -5,7 +5,7 @@ import subprocess
 from pathlib import Path
 
 
-runs = sorted(str(p.parent) for p in Path("runs").glob("*/*/summary.json"))
+runs = sorted(str(p.parent) for tag in ("counterfact", "zsre") for p in Path("runs", tag).glob("*/summary.json"))
 tables = {}
 for protocol in ("token_accuracy", "prob_comparison"):
     out = Path("docs/report_all") if protocol == "token_accuracy" else Path(f"/tmp/report_{protocol}")
