@@ -358,6 +358,8 @@ def test_model_loaded_by_the_harness_in_the_given_dtype_and_device_map(dataset, 
                                   fluency_tokens=0, protocols=["token_accuracy"], dtype="bfloat16", device_map="cpu")
     summary = run_evaluation(settings, tmp_path / "run")
     assert summary["environment"]["model_dtype"] == "torch.bfloat16" and summary["num_completed"] == 2
+    first = json.loads((tmp_path / "run" / "results.jsonl").read_text().splitlines()[0])
+    assert "fluency_text" not in first["post"] and "fluency" not in first["post"]["scores"]  # fluency_tokens=0
     stored = json.loads((tmp_path / "run" / "settings.json").read_text())
     assert stored["dtype"] == "bfloat16" and stored["device_map"] == "cpu"
     # The device map is not part of what a resumed run must share; the dtype is.

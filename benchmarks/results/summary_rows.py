@@ -10,10 +10,12 @@ import json
 import sys
 from pathlib import Path
 
+from hf_knowedit.evaluation.report import _stat
 
-def mean(metrics, name, protocol):
-    entry = metrics.get(name, {}).get(protocol)
-    return "–" if not entry or entry.get("mean") is None else f"{100 * entry['mean']:.1f}"
+
+def mean(summary, metric, protocol):
+    stats = _stat(summary, metric, protocol)
+    return "–" if stats is None else f"{100 * stats['mean']:.1f}"
 
 
 def main():
@@ -23,18 +25,16 @@ def main():
     args = parser.parse_args()
     for run in args.runs:
         summary = json.loads((Path(run) / "summary.json").read_text())
-        post = summary["metrics"]["post"]
         label = summary["method_label"]
         if args.fluency:
-            entry = post["fluency"]["ngram_entropy"]
+            entry, pre = _stat(summary, "fluency", "ngram_entropy"), _stat(summary, "fluency", "ngram_entropy", side="pre")
             half = (entry["ci95"][1] - entry["ci95"][0]) / 2
-            print(f"| {label} | {entry['mean']:.2f} ± {half:.2f} | {mean(post, 'reliability', 'token_accuracy')} "
+            print(f"| {label} | {entry['mean']:.2f} ± {half:.2f} | {mean(summary, 'reliability', 'token_accuracy')} "
                   f"| `{run}` |")
-            pre = summary["metrics"]["pre"]["fluency"]["ngram_entropy"]
             print(f"untouched model, {run}: {pre['mean']:.2f}", file=sys.stderr)
             continue
-        token = [mean(post, m, "token_accuracy") for m in ("reliability", "generalization", "locality_unchanged")]
-        prob = [mean(post, m, "prob_comparison") for m in ("reliability", "generalization", "locality_unchanged")]
+        token = [mean(summary, m, "token_accuracy") for m in ("reliability", "generalization", "locality_unchanged")]
+        prob = [mean(summary, m, "prob_comparison") for m in ("reliability", "generalization", "locality_unchanged")]
         efficiency = summary["efficiency"]
         print(f"| {label} | {summary['batch_size']:,} | {summary['num_completed']:,} | {' | '.join(token)} "
               f"| {' / '.join(prob)} | {efficiency['edit_seconds_per_case']['mean']:.2f} "
