@@ -27,7 +27,8 @@ def main():
         summary = json.loads((Path(run) / "summary.json").read_text())
         label = summary["method_label"]
         if args.fluency:
-            entry, pre = _stat(summary, "fluency", "ngram_entropy"), _stat(summary, "fluency", "ngram_entropy", side="pre")
+            entry = _stat(summary, "fluency", "ngram_entropy")
+            pre = _stat(summary, "fluency", "ngram_entropy", side="pre")
             half = (entry["ci95"][1] - entry["ci95"][0]) / 2
             print(f"| {label} | {entry['mean']:.2f} ± {half:.2f} | {mean(summary, 'reliability', 'token_accuracy')} "
                   f"| `{run}` |")
