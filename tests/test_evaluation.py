@@ -2,6 +2,7 @@
 
 import argparse
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -387,3 +388,25 @@ def test_unedited_row_comes_from_the_run_with_the_most_cases():
     unedited = next(line for line in table.splitlines() if line.startswith("| *unedited model*"))
     assert unedited.split(" | ")[1] == "25.0 ± 0.0"  # B's 200 cases, not A's 25 (A sorts first)
     assert "- *unedited model* / cf: the pre-edit scores of `runs/b` (200 cases)" in table
+
+
+def test_results_page_rows_come_from_the_run_they_name(runs):
+    """benchmarks/results/summary_rows.py, which make_results.py uses for the batch, sequential and fluency tables of
+    docs/results.md, reads each figure from the run's summary."""
+    spec = importlib.util.spec_from_file_location(
+        "summary_rows", Path(__file__).parents[1] / "benchmarks" / "results" / "summary_rows.py")
+    summary_rows = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary_rows)
+    _, result = runs
+    batch_dir = str(result[("batch", 2, "final")][0])
+    summary = json.loads((Path(batch_dir) / "summary.json").read_text())
+    cells = summary_rows.row("batch", "FT", batch_dir).split(" | ")
+    reliability = summary["metrics"]["post"]["reliability"]["token_accuracy"]["mean"]
+    assert cells[:4] == ["| FT", "2", "5", f"{100 * reliability:.1f}"] and cells[-1] == f"`{batch_dir}` |"
+    sequential_dir = str(result[("sequential", 1, "every:2")][0])
+    summary = json.loads((Path(sequential_dir) / "summary.json").read_text())
+    last = summary["curve"][-1]["metrics"]["locality_unchanged"]["token_accuracy"]["mean"]
+    cells = summary_rows.row("sequential", "FT (to 3 edits)", sequential_dir).split(" | ")
+    assert cells[0] == "| FT" and cells[3] == f"{100 * last:.1f}" and cells[4] == "–"
+    fluency = json.loads((Path(batch_dir) / "summary.json").read_text())["metrics"]["post"]["fluency"]["ngram_entropy"]
+    assert summary_rows.row("fluency", "FT", batch_dir).startswith(f"| FT | {fluency['mean']:.2f} ± ")

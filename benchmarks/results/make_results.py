@@ -1,8 +1,29 @@
-"""Rebuild the tables of docs/results.md (between its <!-- ... --> markers) from every run under runs/; run from the
-project root after benchmarks/results/run_single_edits.sh."""
+"""Rebuild the tables of docs/results.md from the runs under runs/; run from the project root after
+benchmarks/results/run_single_edits.sh.
+
+- Between <!-- KEY --> and <!-- /KEY --> (KEY: token_accuracy, prob_comparison, all): `hf-knowedit report` over every
+  run under runs/counterfact and runs/zsre.
+- Between <!-- rows KIND --> and <!-- /rows -->: each table row that ends with a run in backticks is recomputed from
+  that run (summary_rows.py, KIND batch, sequential or fluency), keeping its first cell, the method's name. To add a
+  row, write `| NAME | `runs/...` |` in the table and run this script.
+"""
 import re
 import subprocess
+import sys
 from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).parent))
+from summary_rows import row  # noqa: E402
+
+
+def rows_block(match: re.Match) -> str:
+    """The table between <!-- rows KIND --> and <!-- /rows --> with each row that names a run recomputed."""
+    lines = []
+    for line in match.group(2).splitlines():
+        run = re.search(r"\| `([^`]+)` \|$", line)
+        lines.append(row(match.group(1), line.split("|")[1].strip(), run.group(1)) if run else line)
+    return match.group(0).replace(match.group(2), "\n".join(lines))
 
 
 runs = sorted(str(p.parent) for tag in ("counterfact", "zsre") for p in Path("runs", tag).glob("*/summary.json"))
@@ -21,5 +42,6 @@ doc = Path("docs/results.md").read_text()
 for key, table in tables.items():
     pattern = rf"(<!-- {key} -->\n).*?(<!-- /{key} -->)"
     doc = re.sub(pattern, lambda m, table=table: m.group(1) + table + m.group(2), doc, flags=re.S)
+doc = re.sub(r"<!-- rows (\w+) -->\n(.*?)\n<!-- /rows -->", rows_block, doc, flags=re.S)
 Path("docs/results.md").write_text(doc)
 print("runs:", len(runs))
