@@ -225,6 +225,8 @@ def test_tpatcher_memory_set_from_a_dataset_file(tmp_path):
     model = EditedModel(base, TOKENIZER).add_edits(config, [REQUEST])
     assert model.get_edit().stats["tpatcher_memory_fire_rate"] == 0.0
     torch.testing.assert_close(logits(model, memory), before, rtol=0, atol=0)
+    path.write_text(json.dumps(records[2:]), encoding="utf-8")  # a file rewritten in the same process is read again
+    assert memory_file_prompts(str(path), 2) == ("The mother tongue of Carl Ode is", "Carl Ode was born in")
     for wrong, match in ((tmp_path / "missing.json", "does not exist"),):
         with pytest.raises(EditConfigError, match=match):
             EditedModel(base_model("llama"), TOKENIZER).add_edits(TPatcherConfig(memory_file=str(wrong)), [REQUEST])

@@ -1,4 +1,5 @@
 import functools
+import os
 
 import torch
 
@@ -29,9 +30,18 @@ GENERIC_MEMORY_PROMPTS = [
 ]
 
 
-@functools.lru_cache(maxsize=4)
 def memory_file_prompts(path: str, records: int) -> tuple[str, ...]:
-    """The edit prompts and locality prompts of the first `records` records of an edit dataset file."""
+    """The edit prompts and locality prompts of the first `records` records of an edit dataset file (read again when
+    the file changes on disk)."""
+    try:
+        stat = os.stat(path)
+    except OSError:  # load_config_records says what is wrong with the path
+        return _memory_file_prompts(path, records, None)
+    return _memory_file_prompts(path, records, (stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=4)
+def _memory_file_prompts(path: str, records: int, version) -> tuple[str, ...]:
     requests = load_config_records(path, records, "TPatcherConfig.memory_file")
     return tuple(dict.fromkeys(p for r in requests for p in [r.filled_prompt, *(probe.prompt for probe in r.locality)]))
 
