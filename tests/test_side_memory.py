@@ -15,11 +15,12 @@ import torch
 from hf_knowedit import ArtifactError, BaseModelMismatchError, EditConfigError, EditedModel, EditRequest
 from hf_knowedit.locate import ResumedTargetLogProbs
 from hf_knowedit.methods.calinet import CaliNETConfig
+from hf_knowedit.methods.calinet.side_ffn import ffn_host_path
 from hf_knowedit.methods.grace import GRACEConfig
 from hf_knowedit.methods.ike import IKEConfig
 from hf_knowedit.methods.ike.editor import load_demonstration_pool
 from hf_knowedit.methods.tpatcher import TPatcherConfig
-from hf_knowedit.methods.tpatcher.editor import memory_file_prompts
+from hf_knowedit.methods.tpatcher.editor import TPatcherEditor, memory_file_prompts
 from hf_knowedit.tokenization import encode_prompt_target
 
 from .helpers import COUNTERFACT_TRAIN, TOKENIZER, model_inputs, target_log_prob
@@ -232,6 +233,23 @@ def test_tpatcher_memory_set_from_a_dataset_file(tmp_path):
             EditedModel(base_model("llama"), TOKENIZER).add_edits(TPatcherConfig(memory_file=str(wrong)), [REQUEST])
     with pytest.raises(EditConfigError, match="memory_records"):
         TPatcherConfig(memory_records=0)
+
+
+def test_tpatcher_batch_keeps_each_patch_silent_on_the_other_requests():
+    """In a batch, every other request's prompt is memory for a request's patch; their FFN inputs are computed once,
+    in chunks, and split per prompt as if each prompt had been run alone."""
+    requests = [REQUEST, EditRequest(prompt="The mother tongue of {} is", subject="Bo Chen", target_new="French"),
+                EditRequest(prompt="{} plays the", subject="Carl Ode", target_new="violin")]
+    config = TPatcherConfig(num_steps=30, lr=5e-2)
+    edited = EditedModel(base_model("llama"), TOKENIZER)
+    path = ffn_host_path(edited.layout, config.resolve_layers(edited.layout)[0])
+    prompts = [r.filled_prompt for r in requests]
+    split = TPatcherEditor.ffn_inputs(edited, path, prompts, "cpu", per_prompt=True, chunk=2)
+    for prompt, inputs in zip(prompts, split):
+        torch.testing.assert_close(inputs, TPatcherEditor.ffn_inputs(edited, path, [prompt], "cpu"))
+    edited.add_edits(config, requests)
+    assert edited.get_edit().stats["tpatcher_memory_fire_rate"] == 0.0
+    assert edited.get_edit().stats["tpatcher_neurons"] == 3 * config.neurons_per_edit
 
 
 @pytest.mark.parametrize("arch", DECODER_ARCHITECTURES)

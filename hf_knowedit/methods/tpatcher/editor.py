@@ -74,6 +74,10 @@ class TPatcherEditor(BaseEditor):
             memory_prompts += memory_file_prompts(config.memory_file, config.memory_records)
         memory_prompts += [p.prompt for r in requests for p in r.locality]
         shared_memory = self.ffn_inputs(edited_model, path, memory_prompts, device)
+        # every request's prompt is memory for the other requests' patches: their FFN inputs, once, split per prompt
+        if len(requests) > 1:
+            request_inputs = self.ffn_inputs(edited_model, path, [r.filled_prompt for r in requests], device,
+                                             per_prompt=True)
         patches, fire_rates = [], []
         for index, request in enumerate(tqdm(requests, desc="T-Patcher edit", leave=False)):
             batch = encode_prompt_target(tokenizer, [request.filled_prompt], [request.target_new], model=model)
@@ -82,10 +86,9 @@ class TPatcherEditor(BaseEditor):
                 edited_model(**batch.model_inputs())
             position = key_positions(batch)[0]
             edit_input = records["input"][-1][0, position].float()
-            others = [r.filled_prompt for j, r in enumerate(requests) if j != index]
             memory = [shared_memory, records["input"][-1][0, :position].float()]
-            if others:
-                memory.append(self.ffn_inputs(edited_model, path, others, device))
+            if len(requests) > 1:
+                memory += [inputs for j, inputs in enumerate(request_inputs) if j != index]
             memory = torch.cat(memory)
             patch = self.train_patch(edited_model, path, layer, batch, position, edit_input, memory)
             with torch.no_grad():
@@ -98,16 +101,24 @@ class TPatcherEditor(BaseEditor):
         return {path: combined}
 
     @staticmethod
-    def ffn_inputs(edited_model, path, prompts, device) -> torch.Tensor:
-        """The FFN inputs at every (non-padding) position of `prompts`, `(positions, hidden)`."""
+    def ffn_inputs(edited_model, path, prompts, device, per_prompt=False, chunk=32):
+        """The FFN inputs at every (non-padding) position of `prompts`, `(positions, hidden)`, or with `per_prompt`
+        one such tensor per prompt; `chunk` prompts per forward pass."""
         model = edited_model.base_model
-        inputs = edited_model.tokenizer(prompts, return_tensors="pt", padding=True).to(device)
-        kwargs = dict(inputs)
-        if model.config.is_encoder_decoder:  # the patched FFN is in the decoder: feed each prompt to both sides
-            kwargs["decoder_input_ids"] = inputs["input_ids"]
-        with torch.no_grad(), record_module_io(model, path) as records:
-            edited_model(**kwargs)
-        return records["input"][-1][inputs["attention_mask"].bool()].float()
+        found = []
+        for start in range(0, len(prompts), chunk):
+            inputs = edited_model.tokenizer(prompts[start:start + chunk], return_tensors="pt", padding=True).to(device)
+            kwargs = dict(inputs)
+            if model.config.is_encoder_decoder:  # the patched FFN is in the decoder: feed each prompt to both sides
+                kwargs["decoder_input_ids"] = inputs["input_ids"]
+            with torch.no_grad(), record_module_io(model, path) as records:
+                edited_model(**kwargs)
+            mask = inputs["attention_mask"].bool()
+            positions = records["input"][-1][mask].float()
+            found += positions.split(mask.sum(1).tolist()) if per_prompt else [positions]
+        if per_prompt:
+            return found
+        return torch.cat(found) if found else torch.empty(0, model.config.hidden_size, device=device)
 
     def train_patch(self, edited_model, path, layer, batch, position, edit_input, memory) -> SideFFN:
         """Train one patch: edit loss + a · activation loss + m · memory loss (Huang et al. 2023, Eq. 6)."""
