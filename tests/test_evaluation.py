@@ -390,7 +390,7 @@ def test_unedited_row_comes_from_the_run_with_the_most_cases():
     assert "- *unedited model* / cf: the pre-edit scores of `runs/b` (200 cases)" in table
 
 
-def test_results_page_rows_come_from_the_run_they_name(runs):
+def test_results_page_rows_come_from_the_run_they_name(runs, tmp_path):
     """benchmarks/results/summary_rows.py, which make_results.py uses for the batch, sequential and fluency tables of
     docs/results.md, reads each figure from the run's summary."""
     spec = importlib.util.spec_from_file_location(
@@ -408,5 +408,11 @@ def test_results_page_rows_come_from_the_run_they_name(runs):
     last = summary["curve"][-1]["metrics"]["locality_unchanged"]["token_accuracy"]["mean"]
     cells = summary_rows.row("sequential", "FT (to 3 edits)", sequential_dir).split(" | ")
     assert cells[0] == "| FT" and cells[3] == f"{100 * last:.1f}" and cells[4] == "–"
+    # a stream that stopped before its last case is labelled with the edits its last checkpoint saw
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    (stopped / "summary.json").write_text(json.dumps({**summary, "num_cases": 8}))
+    assert summary_rows.row("sequential", "FT", str(stopped)).startswith(
+        f"| FT (to {summary['curve'][-1]['num_edits']} edits) | ")
     fluency = json.loads((Path(batch_dir) / "summary.json").read_text())["metrics"]["post"]["fluency"]["ngram_entropy"]
     assert summary_rows.row("fluency", "FT", batch_dir).startswith(f"| FT | {fluency['mean']:.2f} ± ")

@@ -247,6 +247,8 @@ def test_tpatcher_batch_keeps_each_patch_silent_on_the_other_requests():
     split = TPatcherEditor.ffn_inputs(edited, path, prompts, "cpu", per_prompt=True, chunk=2)
     for prompt, inputs in zip(prompts, split):
         torch.testing.assert_close(inputs, TPatcherEditor.ffn_inputs(edited, path, [prompt], "cpu"))
+    assert TPatcherEditor.ffn_inputs(edited, path, [], "cpu").shape == (0, edited.base_model.config.hidden_size)
+    assert TPatcherEditor.ffn_inputs(edited, path, [], "cpu", per_prompt=True) == []
     edited.add_edits(config, requests)
     assert edited.get_edit().stats["tpatcher_memory_fire_rate"] == 0.0
     assert edited.get_edit().stats["tpatcher_neurons"] == 3 * config.neurons_per_edit

@@ -87,9 +87,11 @@ def main():
     for run in args.runs:
         summary = json.loads((Path(run) / "summary.json").read_text())
         print(row(args.kind, summary["method_label"], run))
-        pre = _stat(summary, "fluency", "ngram_entropy", side="pre")
-        if args.kind == "fluency" and pre is not None:
-            print(f"untouched model, {run}: {pre['mean']:.2f}", file=sys.stderr)
+        if args.kind == "fluency":
+            pre = _stat(summary, "fluency", "ngram_entropy", side="pre")
+            untouched = "–" if pre is None else f"{pre['mean']:.2f}"
+            print(f"untouched model, {run}: {untouched}", file=sys.stderr)
+
 
 if __name__ == "__main__":
     main()

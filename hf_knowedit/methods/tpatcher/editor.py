@@ -75,9 +75,8 @@ class TPatcherEditor(BaseEditor):
         memory_prompts += [p.prompt for r in requests for p in r.locality]
         shared_memory = self.ffn_inputs(edited_model, path, memory_prompts, device)
         # every request's prompt is memory for the other requests' patches: their FFN inputs, once, split per prompt
-        if len(requests) > 1:
-            request_inputs = self.ffn_inputs(edited_model, path, [r.filled_prompt for r in requests], device,
-                                             per_prompt=True)
+        request_inputs = self.ffn_inputs(edited_model, path, [r.filled_prompt for r in requests], device,
+                                         per_prompt=True)
         patches, fire_rates = [], []
         for index, request in enumerate(tqdm(requests, desc="T-Patcher edit", leave=False)):
             batch = encode_prompt_target(tokenizer, [request.filled_prompt], [request.target_new], model=model)
@@ -87,9 +86,7 @@ class TPatcherEditor(BaseEditor):
             position = key_positions(batch)[0]
             edit_input = records["input"][-1][0, position].float()
             memory = [shared_memory, records["input"][-1][0, :position].float()]
-            if len(requests) > 1:
-                memory += [inputs for j, inputs in enumerate(request_inputs) if j != index]
-            memory = torch.cat(memory)
+            memory = torch.cat(memory + [inputs for j, inputs in enumerate(request_inputs) if j != index])
             patch = self.train_patch(edited_model, path, layer, batch, position, edit_input, memory)
             with torch.no_grad():
                 fire_rates.append(float((patch.scores(memory) > 0).float().mean()))
