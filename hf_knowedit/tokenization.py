@@ -96,8 +96,9 @@ class PromptTargetBatch:
     decoder_input_ids: torch.Tensor | None = None  # encoder-decoder only: the target shifted right
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
-        """Keyword arguments for the model's forward (labels excluded, so the model computes no loss itself)."""
-        inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        """Keyword arguments for the model's forward (labels excluded, so the model computes no loss itself; no
+        key/value cache, which a teacher-forced pass never reuses)."""
+        inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "use_cache": False}
         if self.is_encoder_decoder:
             inputs["decoder_input_ids"] = self.decoder_input_ids
         return inputs
