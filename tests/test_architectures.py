@@ -17,6 +17,7 @@ from hf_knowedit.architectures import (
     weight_as_out_in,
 )
 from hf_knowedit.errors import ArchitectureNotSupportedError, EditConfigError
+from hf_knowedit.tokenization import encode_prompt_target
 
 from .tiny_models import ARCHITECTURES, HIDDEN_SIZE, INTERMEDIATE_SIZE, NUM_LAYERS, tiny_model, tiny_tokenizer
 
@@ -239,3 +240,15 @@ def test_register_architecture_overrides_detection():
     assert resolve_layout(llama).mlp_in_names == ("mlp.gate_proj", "mlp.up_proj")
     with pytest.raises(TypeError):
         register_architecture("llama", "not callable")
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_teacher_forced_inputs_build_no_key_value_cache(arch):
+    """PromptTargetBatch.model_inputs() is what every teacher-forced pass of the library runs; it asks for no cache,
+    which every architecture accepts."""
+    model = cached_model(arch)
+    batch = encode_prompt_target(tiny_tokenizer(), ["The sky is", "Paris is in"], [" blue", " France"], model=model)
+    with torch.no_grad():
+        output = model(**batch.model_inputs())
+    assert output.logits.shape[:2] == batch.labels.shape
+    assert getattr(output, "past_key_values", None) is None
