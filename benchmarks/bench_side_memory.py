@@ -7,6 +7,9 @@ deleted before the next.
 
     python benchmarks/bench_side_memory.py --n 10
 
+`--tpatcher-memory-reuse N` instead times N sequential T-Patcher edits with the paper's memory set (64 train-split
+records): the memory prompts' FFN inputs reused from the first edit, against recomputed at every edit.
+
 SERAC needs a trained scope classifier (`serac_untrained` is the identity baseline):
 
     hf-knowedit train-editor --method serac --dataset counterfact-train.json --output runs/serac-smollm2 --max-minutes 5
@@ -30,6 +33,29 @@ def mean_log_prob(model, tokenizer, prompt, target):
         return batch.target_log_probs(model(**batch.model_inputs()).logits).item()
 
 
+def tpatcher_memory_reuse(edited, requests):
+    """Seconds per sequential T-Patcher edit with the memory set's FFN inputs reused, and recomputed at every edit."""
+    from hf_knowedit.methods.tpatcher import TPatcherConfig
+    from hf_knowedit.methods.tpatcher import editor as tpatcher_editor
+
+    config = TPatcherConfig(memory_file=str(COUNTERFACT_TRAIN), memory_records=64)
+    seconds = {}
+    for mode in ("recomputed", "reused"):
+        tpatcher_editor._FIXED_MEMORY_INPUTS.clear()
+        times = []
+        for request in requests:
+            if mode == "recomputed":
+                tpatcher_editor._FIXED_MEMORY_INPUTS.clear()
+            start = time.perf_counter()
+            edited.add_edits(config, [request], edit_name="bench")
+            times.append(time.perf_counter() - start)
+        edited.delete_edit("bench")
+        seconds[mode] = sum(times[1:]) / len(times[1:])  # the first edit computes the inputs in both modes
+    print(f"tpatcher memory set, {len(requests)} sequential edits: s/edit after the first: recomputed "
+          f"{seconds['recomputed']:.2f}, reused {seconds['reused']:.2f} "
+          f"(x{seconds['recomputed'] / seconds['reused']:.1f})", flush=True)
+
+
 def main():
     from hf_knowedit import EditedModel, EditRequest, load_default_model
     from hf_knowedit.methods.calinet import CaliNETConfig
@@ -41,6 +67,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=10)
     parser.add_argument("--methods", default="grace,tpatcher,calinet,ike")
+    parser.add_argument("--tpatcher-memory-reuse", type=int, default=0, metavar="N",
+                        help="Only time N (>= 2) sequential T-Patcher edits with the memory set, reused or recomputed.")
     parser.add_argument("--serac-editor", default=str(ROOT / "runs" / "serac-smollm2"),
                         help="SERAC's trained scope classifier (hf-knowedit train-editor --method serac --output DIR).")
     args = parser.parse_args()
@@ -57,6 +85,11 @@ def main():
                             target_true=r["ground_truth"]) for r in records]
     model, tokenizer = load_default_model()
     edited = EditedModel(model, tokenizer)
+    if args.tpatcher_memory_reuse:
+        if args.tpatcher_memory_reuse < 2 or args.tpatcher_memory_reuse > len(requests):
+            parser.error("--tpatcher-memory-reuse needs 2 <= N <= --n.")
+        tpatcher_memory_reuse(edited, requests[: args.tpatcher_memory_reuse])
+        return
     for method in args.methods.split(","):
         scores = {"efficacy": [], "paraphrase": [], "neighbourhood": []}
         seconds, sizes = [], []

@@ -661,6 +661,27 @@ class EditedModel(nn.Module):
                 self._pending.pop(path, None)
             self._sync_hooks()
 
+    def computation_state(self, excluding: str | None = None) -> tuple[tuple, list]:
+        """What a forward pass of the model depends on, for editors that reuse features computed in an earlier call.
+
+        Returns `(key, objects)`. `key` holds the identity, storage and in-place version counter of every base
+        parameter and buffer, the tokenizer, whether edits are disabled, which are merged, and the identity of every
+        active component, in order, except those at the module `excluding` (which cannot change that module's inputs). Equal
+        keys mean the same computation up to the inputs of `excluding`, provided the caller keeps `objects` (what the
+        identities refer to) alive alongside the key, so that no identity is reused. Components are taken as
+        immutable once applied, which is how editors make them.
+        """
+        tensors = [*self.base_model.parameters(), *self.base_model.buffers()]
+        components = [c for name in self._active for path, comps in self._edits[name].components.items()
+                      if path != excluding for c in comps]
+        components += [c for path, comps in self._pending.items() if path != excluding for c in comps]
+        key = (
+            tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors),
+            tuple(id(c) for c in components),
+            id(self.tokenizer), self._disabled, tuple(self._merged),
+        )
+        return key, [*tensors, *components, self.tokenizer]
+
 
 def _method_settings(config: EditConfig) -> dict:
     """The fields of `config` that define the edit, without the base model's name and revision filled in later."""

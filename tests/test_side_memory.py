@@ -14,13 +14,14 @@ import torch
 
 from hf_knowedit import ArtifactError, BaseModelMismatchError, EditConfigError, EditedModel, EditRequest
 from hf_knowedit.locate import ResumedTargetLogProbs
+from hf_knowedit.methods.ft import FTConfig
 from hf_knowedit.methods.calinet import CaliNETConfig
 from hf_knowedit.methods.calinet.side_ffn import ffn_host_path
 from hf_knowedit.methods.grace import GRACEConfig
 from hf_knowedit.methods.ike import IKEConfig
 from hf_knowedit.methods.ike.editor import load_demonstration_pool
 from hf_knowedit.methods.tpatcher import TPatcherConfig
-from hf_knowedit.methods.tpatcher.editor import TPatcherEditor, memory_file_prompts
+from hf_knowedit.methods.tpatcher.editor import GENERIC_MEMORY_PROMPTS, TPatcherEditor, memory_file_prompts
 from hf_knowedit.tokenization import encode_prompt_target
 
 from .helpers import COUNTERFACT_TRAIN, TOKENIZER, model_inputs, target_log_prob
@@ -252,6 +253,43 @@ def test_tpatcher_batch_keeps_each_patch_silent_on_the_other_requests():
     edited.add_edits(config, requests)
     assert edited.get_edit().stats["tpatcher_memory_fire_rate"] == 0.0
     assert edited.get_edit().stats["tpatcher_neurons"] == 3 * config.neurons_per_edit
+
+
+def test_tpatcher_reuses_its_memory_inputs_while_the_model_upstream_is_unchanged(monkeypatch):
+    """Sequential T-Patcher edits stack patches at one FFN, which do not change its inputs: the memory prompts are run
+    through the model once. A change upstream (a weight written in place, another method's edit, the model disabled)
+    runs them again, and the reused inputs are those a fresh pass gives."""
+    config = TPatcherConfig(num_steps=5, lr=5e-2)
+    model = EditedModel(base_model("llama"), TOKENIZER)
+    path = ffn_host_path(model.layout, config.resolve_layers(model.layout)[0])
+    passes = []
+    original = TPatcherEditor.ffn_inputs
+
+    def counting(edited_model, host, prompts, device, **kwargs):
+        passes.append(list(prompts) == GENERIC)
+        return original(edited_model, host, prompts, device, **kwargs)
+
+    GENERIC = list(GENERIC_MEMORY_PROMPTS)
+    monkeypatch.setattr(TPatcherEditor, "ffn_inputs", staticmethod(counting))
+
+    def memory_passes(action):
+        passes.clear()
+        action()
+        return sum(passes)
+
+    assert memory_passes(lambda: model.add_edits(config, [REQUEST])) == 1
+    assert memory_passes(lambda: model.add_edits(config, [SECOND])) == 0
+    cached = TPatcherEditor.fixed_memory_inputs(model, path, GENERIC, "cpu")
+    torch.testing.assert_close(cached, original(model, path, GENERIC, "cpu"), rtol=0, atol=0)
+    with torch.no_grad():
+        model.base_model.model.layers[0].mlp.up_proj.weight.mul_(1.5)
+    assert memory_passes(lambda: model.add_edits(config, [REQUEST])) == 1
+    model.add_edits(FTConfig(num_steps=2, layers=[0]), [SECOND], edit_name="ft")
+    assert memory_passes(lambda: model.add_edits(config, [SECOND])) == 1
+    assert memory_passes(lambda: model.add_edits(config, [REQUEST])) == 0
+    with model.disable_edits():
+        assert memory_passes(lambda: TPatcherEditor.fixed_memory_inputs(model, path, GENERIC, "cpu")) == 1
+    assert memory_passes(lambda: TPatcherEditor.fixed_memory_inputs(model, path, GENERIC, "cpu")) == 1
 
 
 @pytest.mark.parametrize("arch", DECODER_ARCHITECTURES)

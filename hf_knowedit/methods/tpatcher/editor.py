@@ -1,5 +1,6 @@
 import functools
 import os
+import weakref
 
 import torch
 
@@ -46,6 +47,11 @@ def _memory_file_prompts(path: str, records: int, version) -> tuple[str, ...]:
     return tuple(dict.fromkeys(p for r in requests for p in [r.filled_prompt, *(probe.prompt for probe in r.locality)]))
 
 
+# edited model -> (key, objects the key refers to, FFN inputs of its fixed memory prompts): in sequential editing the
+# patches stack at one FFN, whose inputs they do not change, so the memory set is run through the model only once
+_FIXED_MEMORY_INPUTS = weakref.WeakKeyDictionary()
+
+
 class TPatcherEditor(BaseEditor):
     """Trains `neurons_per_edit` patches per request beside the last FFN; the base weights are never touched.
 
@@ -72,8 +78,9 @@ class TPatcherEditor(BaseEditor):
         memory_prompts = list(config.memory_prompts if config.memory_prompts is not None else GENERIC_MEMORY_PROMPTS)
         if config.memory_file is not None:
             memory_prompts += memory_file_prompts(config.memory_file, config.memory_records)
-        memory_prompts += [p.prompt for r in requests for p in r.locality]
-        shared_memory = self.ffn_inputs(edited_model, path, memory_prompts, device)
+        shared_memory = torch.cat([self.fixed_memory_inputs(edited_model, path, memory_prompts, device),
+                                   self.ffn_inputs(edited_model, path, [p.prompt for r in requests for p in r.locality],
+                                                   device)])
         # every request's prompt is memory for the other requests' patches: their FFN inputs, once, split per prompt
         request_inputs = self.ffn_inputs(edited_model, path, [r.filled_prompt for r in requests], device,
                                          per_prompt=True)
@@ -96,6 +103,18 @@ class TPatcherEditor(BaseEditor):
             combined = combined.combine(patch)
         self.stats = {"tpatcher_memory_fire_rate": max(fire_rates), "tpatcher_neurons": combined.num_neurons}
         return {path: combined}
+
+    @classmethod
+    def fixed_memory_inputs(cls, edited_model, path, prompts, device):
+        """`ffn_inputs` of the config's memory prompts, reused while the model computes the same up to `path`."""
+        state, objects = edited_model.computation_state(excluding=path)
+        key = (state, path, tuple(prompts), str(device))
+        cached = _FIXED_MEMORY_INPUTS.get(edited_model)
+        if cached is not None and cached[0] == key:
+            return cached[2]
+        inputs = cls.ffn_inputs(edited_model, path, prompts, device)
+        _FIXED_MEMORY_INPUTS[edited_model] = (key, objects, inputs)
+        return inputs
 
     @staticmethod
     def ffn_inputs(edited_model, path, prompts, device, per_prompt=False, chunk=32):
