@@ -1,9 +1,10 @@
 """Quick figures of the side-memory editors (GRACE, T-Patcher, CaliNET, IKE, SERAC) on the default model, CounterFact.
 
-Per method: seconds per edit, artifact bytes, and, by probability comparison (mean log-probability per target
-token, ROME's CounterFact protocol), efficacy P(new) > P(true) on the edit prompt, paraphrase the same on the
-rephrased prompt, neighbourhood P(true) > P(new) on the locality prompt. Each record is edited alone and the edit is
-deleted before the next.
+Per method: seconds per edit, artifact bytes, and, by probability comparison (mean log-probability per target token,
+ROME's CounterFact protocol), efficacy P(new) > P(true) on the edit prompt, paraphrase the same on the rephrased
+prompt, neighbourhood P(true) > P(new) on the locality prompt. Each record is edited alone and the edit is deleted
+before the next. For T-Patcher, also its value scale (`stats["tpatcher_value_scale"]`, smallest and largest over the
+edits); `tpatcher_memory` is T-Patcher with the paper's memory set (64 train-split records).
 
     python benchmarks/bench_side_memory.py --n 10
 
@@ -75,6 +76,7 @@ def main():
     configs = {
         "grace": GRACEConfig(),
         "tpatcher": TPatcherConfig(),
+        "tpatcher_memory": TPatcherConfig(memory_file=str(COUNTERFACT_TRAIN), memory_records=64),
         "calinet": CaliNETConfig(),
         "ike": IKEConfig(demonstrations_file=str(COUNTERFACT_TRAIN), num_demonstrations=8),
         "serac": SERACConfig(editor=args.serac_editor),
@@ -92,11 +94,12 @@ def main():
         return
     for method in args.methods.split(","):
         scores = {"efficacy": [], "paraphrase": [], "neighbourhood": []}
-        seconds, sizes = [], []
+        seconds, sizes, value_scales = [], [], []
         for record, request in zip(records, requests, strict=True):
             start = time.perf_counter()
             edited.add_edits(configs[method], [request], edit_name="bench")
             seconds.append(time.perf_counter() - start)
+            value_scales.append(edited.get_edit("bench").stats.get("tpatcher_value_scale"))
             with tempfile.TemporaryDirectory() as tmp:
                 sizes.append(edited.save_pretrained(tmp)["bench"])
             new, true = request.target_new, request.target_true
@@ -108,7 +111,9 @@ def main():
             edited.delete_edit("bench")
         figures = {k: round(sum(v) / len(v), 3) for k, v in scores.items()}
         print(f"{method:15s} n={len(records)} edit_s={sum(seconds) / len(seconds):.2f} "
-              f"artifact_bytes={int(sum(sizes) / len(sizes))} {figures}", flush=True)
+              f"artifact_bytes={int(sum(sizes) / len(sizes))} {figures}"
+              + (f" value_scale={min(value_scales):.1f}..{max(value_scales):.1f}" if None not in value_scales else ""),
+              flush=True)
     with edited.disable_edits():
         base = {"efficacy": [], "paraphrase": [], "neighbourhood": []}
         for record, request in zip(records, requests, strict=True):

@@ -253,6 +253,7 @@ def test_tpatcher_batch_keeps_each_patch_silent_on_the_other_requests():
     edited.add_edits(config, requests)
     assert edited.get_edit().stats["tpatcher_memory_fire_rate"] == 0.0
     assert edited.get_edit().stats["tpatcher_neurons"] == 3 * config.neurons_per_edit
+    assert 1.0 <= edited.get_edit().stats["tpatcher_value_scale"] < float("inf")
 
 
 def test_tpatcher_reuses_its_memory_inputs_while_the_model_upstream_is_unchanged(monkeypatch):

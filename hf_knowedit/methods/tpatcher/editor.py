@@ -84,7 +84,7 @@ class TPatcherEditor(BaseEditor):
         # every request's prompt is memory for the other requests' patches: their FFN inputs, once, split per prompt
         request_inputs = self.ffn_inputs(edited_model, path, [r.filled_prompt for r in requests], device,
                                          per_prompt=True)
-        patches, fire_rates = [], []
+        patches, fire_rates, value_scales = [], [], []
         for index, request in enumerate(tqdm(requests, desc="T-Patcher edit", leave=False)):
             batch = encode_prompt_target(tokenizer, [request.filled_prompt], [request.target_new], model=model)
             batch = batch.to(device)
@@ -94,14 +94,16 @@ class TPatcherEditor(BaseEditor):
             edit_input = records["input"][-1][0, position].float()
             memory = [shared_memory, records["input"][-1][0, :position].float()]
             memory = torch.cat(memory + [inputs for j, inputs in enumerate(request_inputs) if j != index])
-            patch = self.train_patch(edited_model, path, layer, batch, position, edit_input, memory)
+            patch, scale = self.train_patch(edited_model, path, layer, batch, position, edit_input, memory)
+            value_scales.append(scale)
             with torch.no_grad():
                 fire_rates.append(float((patch.scores(memory) > 0).float().mean()))
             patches.append(patch)
         combined = patches[0]
         for patch in patches[1:]:
             combined = combined.combine(patch)
-        self.stats = {"tpatcher_memory_fire_rate": max(fire_rates), "tpatcher_neurons": combined.num_neurons}
+        self.stats = {"tpatcher_memory_fire_rate": max(fire_rates), "tpatcher_value_scale": max(value_scales),
+                      "tpatcher_neurons": combined.num_neurons}
         return {path: combined}
 
     @classmethod
@@ -136,8 +138,9 @@ class TPatcherEditor(BaseEditor):
             return found
         return torch.cat(found) if found else torch.empty(0, model.config.hidden_size, device=device)
 
-    def train_patch(self, edited_model, path, layer, batch, position, edit_input, memory) -> SideFFN:
-        """Train one patch: edit loss + a · activation loss + m · memory loss (Huang et al. 2023, Eq. 6)."""
+    def train_patch(self, edited_model, path, layer, batch, position, edit_input, memory) -> tuple[SideFFN, float]:
+        """Train one patch: edit loss + a · activation loss + m · memory loss (Huang et al. 2023, Eq. 6); returns it
+        silenced on the memory, with the factor its value was scaled by (see `silence_on_memory`)."""
         config = self.config
         n = config.neurons_per_edit
         key = edit_input / edit_input.norm().pow(2)  # score 1 on the edit input
@@ -162,9 +165,11 @@ class TPatcherEditor(BaseEditor):
         return self.silence_on_memory(patch, edit_input, memory)
 
     @staticmethod
-    def silence_on_memory(patch: SideFFN, edit_input, memory) -> SideFFN:
+    def silence_on_memory(patch: SideFFN, edit_input, memory) -> tuple[SideFFN, float]:
         """Raise each patch's threshold above every out-of-scope score when the edit input still scores higher, and
-        scale its value so that its output on the edit input is unchanged: the memory loss made exact."""
+        scale its value so that its output on the edit input is unchanged: the memory loss made exact. Returns the
+        patch and the largest factor a value was scaled by: the closer a memory input scores to the edit input, the
+        larger it is, and the more a prompt just past the threshold is changed."""
         with torch.no_grad():
             raw_edit = patch.keys @ edit_input
             raw_memory = (memory @ patch.keys.T).max(0).values if len(memory) else torch.full_like(raw_edit, -1e9)
@@ -173,4 +178,4 @@ class TPatcherEditor(BaseEditor):
             bias = torch.where(separable, torch.minimum(patch.biases, floor), patch.biases)
             old_activation, new_activation = raw_edit + patch.biases, raw_edit + bias
             ratio = torch.where(separable & (old_activation > 0), old_activation / new_activation.clamp(min=1e-12), 1.0)
-            return SideFFN(patch.keys, bias, patch.values * ratio[:, None], patch.activation)
+            return SideFFN(patch.keys, bias, patch.values * ratio[:, None], patch.activation), float(ratio.max())
