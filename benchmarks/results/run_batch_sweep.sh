@@ -4,6 +4,7 @@
 # Usage: [N=200] [BATCHES="10 100"] [DATASETS="counterfact"] [PROTOCOLS=token_accuracy,prob_comparison]
 #        METHODS="name:config ..." benchmarks/results/run_batch_sweep.sh
 #        A method without a config file is given as name:method:variant (FT: ft_m:ft:ft_m).
+#        EXTRA_ARGS are added to every evaluation (e.g. --editor-sees-probes to grow a run made with that setting).
 # Outputs: runs/<dataset>/<name>_batch<B> (batch size 1 is the single-edit run, runs/<dataset>/<name>_single); every
 # run resumes from its JSONL.
 source "$(dirname "$0")/common.sh"
@@ -19,7 +20,7 @@ for b in ${BATCHES:-10 100}; do
       mkdir -p $out
       echo "$(date) start $out n=${N:-200}"
       .venv/bin/hf-knowedit evaluate $args --dataset $data --n ${N:-200} --mode batch --batch-size $b --fluency-tokens 0 \
-        --protocols ${PROTOCOLS:-token_accuracy,prob_comparison} --output $out
+        --protocols ${PROTOCOLS:-token_accuracy,prob_comparison} --output $out $EXTRA_ARGS
       rc=$?
       echo "$(date) end $out rc=$rc"
     done
