@@ -166,6 +166,19 @@ def test_resume_sequential_immediate(dataset, tmp_path):
         assert records[index]["post"]["scores"]["reliability"] == complete[index]["scores"]["reliability"]
 
 
+def test_resume_sequential_every_k_scores_the_same_checkpoints(dataset, tmp_path):
+    """A stream stopped after its first checkpoint resumes at the next one, not right after its first new edit."""
+    output = tmp_path / "seq"
+    settings = _settings(dataset, "sequential", 1, "every:2")
+    complete = _run(settings, output)
+    curve = (output / "curve.jsonl").read_text().splitlines()
+    (output / "curve.jsonl").write_text(curve[0] + "\n")  # stopped after the checkpoint at 2 edits
+    (output / "results.jsonl").write_text("")
+    resumed = _run(settings, output)
+    assert [p["num_edits"] for p in resumed["curve"]] == [p["num_edits"] for p in complete["curve"]] == [2, 4, 5]
+    assert resumed["curve"][1:] == complete["curve"][1:]
+
+
 def test_refuses_to_mix_settings_unless_overwrite(dataset, tmp_path):
     output = tmp_path / "run"
     _run(_settings(dataset, n=2), output)

@@ -623,7 +623,9 @@ def run_evaluation(
         if resume_edits:
             logger.info("Resuming: recomputing the first %d edits without scoring them again", resume_edits)
         edit_times: dict[int, float] = {}
-        applied, next_checkpoint = 0, every
+        applied = 0
+        # the first checkpoint after the recomputed edits (not the first of the stream: that one is recorded already)
+        next_checkpoint = (resume_edits // every + 1) * every if kind == "every" else None
         for chunk_no, chunk in enumerate(chunks):
             if torch.cuda.is_available() and applied >= resume_edits:
                 torch.cuda.reset_peak_memory_stats()
