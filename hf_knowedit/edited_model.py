@@ -666,10 +666,10 @@ class EditedModel(nn.Module):
 
         Returns `(key, objects)`. `key` holds the identity, storage and in-place version counter of every base
         parameter and buffer, the tokenizer, whether edits are disabled, which are merged, and the identity of every
-        active component, in order, except those at the module `excluding` (which cannot change that module's inputs). Equal
-        keys mean the same computation up to the inputs of `excluding`, provided the caller keeps `objects` (what the
-        identities refer to) alive alongside the key, so that no identity is reused. Components are taken as
-        immutable once applied, which is how editors make them.
+        active component, in order, except those at the module `excluding` (which cannot change that module's
+        inputs). Equal keys mean the same computation up to the inputs of `excluding`, provided the caller keeps
+        `objects` (what the identities refer to) alive alongside the key, so that no identity is reused. Components
+        are taken as immutable once applied, which is how editors make them.
         """
         tensors = [*self.base_model.parameters(), *self.base_model.buffers()]
         components = [c for name in self._active for path, comps in self._edits[name].components.items()

@@ -14,9 +14,9 @@ import torch
 
 from hf_knowedit import ArtifactError, BaseModelMismatchError, EditConfigError, EditedModel, EditRequest
 from hf_knowedit.locate import ResumedTargetLogProbs
-from hf_knowedit.methods.ft import FTConfig
 from hf_knowedit.methods.calinet import CaliNETConfig
 from hf_knowedit.methods.calinet.side_ffn import ffn_host_path
+from hf_knowedit.methods.ft import FTConfig
 from hf_knowedit.methods.grace import GRACEConfig
 from hf_knowedit.methods.ike import IKEConfig
 from hf_knowedit.methods.ike.editor import load_demonstration_pool
@@ -263,14 +263,13 @@ def test_tpatcher_reuses_its_memory_inputs_while_the_model_upstream_is_unchanged
     config = TPatcherConfig(num_steps=5, lr=5e-2)
     model = EditedModel(base_model("llama"), TOKENIZER)
     path = ffn_host_path(model.layout, config.resolve_layers(model.layout)[0])
-    passes = []
+    passes, generic = [], list(GENERIC_MEMORY_PROMPTS)
     original = TPatcherEditor.ffn_inputs
 
     def counting(edited_model, host, prompts, device, **kwargs):
-        passes.append(list(prompts) == GENERIC)
+        passes.append(list(prompts) == generic)
         return original(edited_model, host, prompts, device, **kwargs)
 
-    GENERIC = list(GENERIC_MEMORY_PROMPTS)
     monkeypatch.setattr(TPatcherEditor, "ffn_inputs", staticmethod(counting))
 
     def memory_passes(action):
@@ -280,8 +279,8 @@ def test_tpatcher_reuses_its_memory_inputs_while_the_model_upstream_is_unchanged
 
     assert memory_passes(lambda: model.add_edits(config, [REQUEST])) == 1
     assert memory_passes(lambda: model.add_edits(config, [SECOND])) == 0
-    cached = TPatcherEditor.fixed_memory_inputs(model, path, GENERIC, "cpu")
-    torch.testing.assert_close(cached, original(model, path, GENERIC, "cpu"), rtol=0, atol=0)
+    cached = TPatcherEditor.fixed_memory_inputs(model, path, generic, "cpu")
+    torch.testing.assert_close(cached, original(model, path, generic, "cpu"), rtol=0, atol=0)
     with torch.no_grad():
         model.base_model.model.layers[0].mlp.up_proj.weight.mul_(1.5)
     assert memory_passes(lambda: model.add_edits(config, [REQUEST])) == 1
@@ -289,8 +288,8 @@ def test_tpatcher_reuses_its_memory_inputs_while_the_model_upstream_is_unchanged
     assert memory_passes(lambda: model.add_edits(config, [SECOND])) == 1
     assert memory_passes(lambda: model.add_edits(config, [REQUEST])) == 0
     with model.disable_edits():
-        assert memory_passes(lambda: TPatcherEditor.fixed_memory_inputs(model, path, GENERIC, "cpu")) == 1
-    assert memory_passes(lambda: TPatcherEditor.fixed_memory_inputs(model, path, GENERIC, "cpu")) == 1
+        assert memory_passes(lambda: TPatcherEditor.fixed_memory_inputs(model, path, generic, "cpu")) == 1
+    assert memory_passes(lambda: TPatcherEditor.fixed_memory_inputs(model, path, generic, "cpu")) == 1
 
 
 @pytest.mark.parametrize("arch", DECODER_ARCHITECTURES)
