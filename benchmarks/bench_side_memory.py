@@ -34,12 +34,10 @@ def mean_log_prob(model, tokenizer, prompt, target):
         return batch.target_log_probs(model(**batch.model_inputs()).logits).item()
 
 
-def tpatcher_memory_reuse(edited, requests):
+def tpatcher_memory_reuse(edited, config, requests):
     """Seconds per sequential T-Patcher edit with the memory set's FFN inputs reused, and recomputed at every edit."""
-    from hf_knowedit.methods.tpatcher import TPatcherConfig
     from hf_knowedit.methods.tpatcher import editor as tpatcher_editor
 
-    config = TPatcherConfig(memory_file=str(COUNTERFACT_TRAIN), memory_records=64)
     seconds = {}
     for mode in ("recomputed", "reused"):
         tpatcher_editor._FIXED_MEMORY_INPUTS.clear()
@@ -90,7 +88,7 @@ def main():
     if args.tpatcher_memory_reuse:
         if args.tpatcher_memory_reuse < 2 or args.tpatcher_memory_reuse > len(requests):
             parser.error("--tpatcher-memory-reuse needs 2 <= N <= --n.")
-        tpatcher_memory_reuse(edited, requests[: args.tpatcher_memory_reuse])
+        tpatcher_memory_reuse(edited, configs["tpatcher_memory"], requests[: args.tpatcher_memory_reuse])
         return
     for method in args.methods.split(","):
         scores = {"efficacy": [], "paraphrase": [], "neighbourhood": []}

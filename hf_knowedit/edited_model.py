@@ -669,14 +669,17 @@ class EditedModel(nn.Module):
         active component, in order, except those at the module `excluding` (which cannot change that module's
         inputs). Equal keys mean the same computation up to the inputs of `excluding`, provided the caller keeps
         `objects` (what the identities refer to) alive alongside the key, so that no identity is reused. Components
-        are taken as immutable once applied, which is how editors make them.
+        are taken as immutable once applied, which is how editors make them. An inference tensor (made under
+        `torch.inference_mode`) has no version counter: a model holding one never gives the same key twice.
         """
         tensors = [*self.base_model.parameters(), *self.base_model.buffers()]
+        untracked = object()  # a fresh object, equal only to itself: no later key matches this one
         components = [c for name in self._active for path, comps in self._edits[name].components.items()
                       if path != excluding for c in comps]
         components += [c for path, comps in self._pending.items() if path != excluding for c in comps]
         key = (
-            tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors),
+            tuple((id(t), t.data_ptr(), untracked if t.is_inference() else t._version, t.dtype, t.device)
+                  for t in tensors),
             tuple(id(c) for c in components),
             id(self.tokenizer), self._disabled, tuple(self._merged),
         )

@@ -292,6 +292,17 @@ def test_tpatcher_reuses_its_memory_inputs_while_the_model_upstream_is_unchanged
     assert memory_passes(lambda: TPatcherEditor.fixed_memory_inputs(model, path, generic, "cpu")) == 1
 
 
+def test_computation_state_never_matches_with_an_untracked_inference_tensor():
+    """Equal keys on a model left as it was; a model holding an inference tensor (no version counter to read) gives
+    a new key every time, so nothing computed from it is reused."""
+    model = EditedModel(base_model("llama"), TOKENIZER)
+    assert model.computation_state()[0] == model.computation_state()[0]
+    with torch.inference_mode():
+        untracked = torch.ones(3)
+    model.base_model.register_buffer("untracked", untracked)
+    assert model.computation_state()[0] != model.computation_state()[0]
+
+
 @pytest.mark.parametrize("arch", DECODER_ARCHITECTURES)
 def test_resumed_target_log_probs_equal_the_full_pass_with_gradients(arch):
     """T-Patcher and GRACE train against the target's log-probability recomputed from their block on only."""
