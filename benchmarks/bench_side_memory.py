@@ -4,7 +4,9 @@ Per method: seconds per edit, artifact bytes, and, by probability comparison (me
 ROME's CounterFact protocol), efficacy P(new) > P(true) on the edit prompt, paraphrase the same on the rephrased
 prompt, neighbourhood P(true) > P(new) on the locality prompt. Each record is edited alone and the edit is deleted
 before the next. For T-Patcher, also its value scale (`stats["tpatcher_value_scale"]`, smallest and largest over the
-edits); `tpatcher_memory` is T-Patcher with the paper's memory set (64 train-split records).
+edits); `tpatcher_memory` is T-Patcher with the paper's memory set (64 train-split records), and its variants
+`tpatcher_memory_topk` (memory hinge over the 32 closest memory inputs), `tpatcher_memory_cap` (value scale capped
+at 4) and `tpatcher_memory_topk_cap` (both).
 
     python benchmarks/bench_side_memory.py --n 10
 
@@ -75,6 +77,10 @@ def main():
         "grace": GRACEConfig(),
         "tpatcher": TPatcherConfig(),
         "tpatcher_memory": TPatcherConfig(memory_file=str(COUNTERFACT_TRAIN), memory_records=64),
+        "tpatcher_memory_topk": TPatcherConfig(memory_file=str(COUNTERFACT_TRAIN), memory_records=64, memory_top_k=32),
+        "tpatcher_memory_cap": TPatcherConfig(memory_file=str(COUNTERFACT_TRAIN), memory_records=64, max_value_scale=4),
+        "tpatcher_memory_topk_cap": TPatcherConfig(memory_file=str(COUNTERFACT_TRAIN), memory_records=64,
+                                                   memory_top_k=32, max_value_scale=4),
         "calinet": CaliNETConfig(),
         "ike": IKEConfig(demonstrations_file=str(COUNTERFACT_TRAIN), num_demonstrations=8),
         "serac": SERACConfig(editor=args.serac_editor),

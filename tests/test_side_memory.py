@@ -15,7 +15,7 @@ import torch
 from hf_knowedit import ArtifactError, BaseModelMismatchError, EditConfigError, EditedModel, EditRequest
 from hf_knowedit.locate import ResumedTargetLogProbs
 from hf_knowedit.methods.calinet import CaliNETConfig
-from hf_knowedit.methods.calinet.side_ffn import ffn_host_path
+from hf_knowedit.methods.calinet.side_ffn import SideFFN, ffn_host_path
 from hf_knowedit.methods.ft import FTConfig
 from hf_knowedit.methods.grace import GRACEConfig
 from hf_knowedit.methods.ike import IKEConfig
@@ -254,6 +254,40 @@ def test_tpatcher_batch_keeps_each_patch_silent_on_the_other_requests():
     assert edited.get_edit().stats["tpatcher_memory_fire_rate"] == 0.0
     assert edited.get_edit().stats["tpatcher_neurons"] == 3 * config.neurons_per_edit
     assert 1.0 <= edited.get_edit().stats["tpatcher_value_scale"] < float("inf")
+
+
+def test_tpatcher_memory_hinge_over_the_closest_memory_inputs():
+    """`memory_top_k` averages the memory hinge over each patch's highest-scoring memory inputs only; `None` (and a
+    `memory_top_k` above the memory's size) over all of them."""
+    scores = torch.tensor([[0.5, -1.0], [-0.05, 0.2], [-2.0, -0.3], [-1.0, -0.5]])
+    hinge = torch.relu(scores + 0.1)
+    for top_k, expected in ((None, hinge.mean()), (9, hinge.mean()), (2, (0.6 + 0.05 + 0.3 + 0.0) / 4),
+                            (1, (0.6 + 0.3) / 2)):
+        editor = TPatcherEditor(TPatcherConfig(margin=0.1, memory_top_k=top_k))
+        torch.testing.assert_close(editor.memory_loss(scores), torch.as_tensor(expected, dtype=torch.float32))
+    for wrong in (0, -1, 1.5, True):
+        with pytest.raises(EditConfigError, match="memory_top_k"):
+            TPatcherConfig(memory_top_k=wrong)
+
+
+def test_tpatcher_value_scale_cap():
+    """Silencing a patch on a memory input that scores close to the edit input scales its value up (its output on
+    the edit input is kept); `max_scale` bounds that factor, the patch then firing weakly on that memory input."""
+    edit_input = torch.tensor([1.0, 0.0])
+    memory = torch.tensor([[0.9, 0.0], [-1.0, 0.0]])
+    patch = SideFFN(torch.tensor([[1.0, 0.0]]), torch.tensor([-0.5]), torch.tensor([[0.0, 2.0]]), "relu")
+    for cap, expected_scale, fires in ((None, 0.5 / 0.05, False), (4.0, 4.0, True), (20.0, 0.5 / 0.05, False)):
+        silenced, scale = TPatcherEditor.silence_on_memory(patch, edit_input, memory, cap)
+        assert scale == pytest.approx(expected_scale)
+        torch.testing.assert_close(silenced(edit_input, torch.zeros(2)), patch(edit_input, torch.zeros(2)))
+        assert bool((silenced.scores(memory[0]) > 0).any()) == fires
+        assert not (silenced.scores(memory[1]) > 0).any()
+    config = TPatcherConfig(num_steps=30, lr=5e-2, memory_top_k=4, max_value_scale=2.0)
+    model = EditedModel(base_model("llama"), TOKENIZER).add_edits(config, [REQUEST])
+    assert 1.0 <= model.get_edit().stats["tpatcher_value_scale"] <= 2.0 + 1e-5
+    for wrong in (0.5, float("inf"), "2", True):
+        with pytest.raises(EditConfigError, match="max_value_scale"):
+            TPatcherConfig(max_value_scale=wrong)
 
 
 def test_tpatcher_reuses_its_memory_inputs_while_the_model_upstream_is_unchanged(monkeypatch):

@@ -42,6 +42,17 @@ class TPatcherConfig(EditConfig):
             This is the paper's memory set, sampled from training data; it is never the data an edit is scored on.
         memory_records (`int`, *optional*, defaults to `64`):
             Records of `memory_file` used.
+        memory_top_k (`int`, *optional*, defaults to `None`):
+            Average the memory hinge over each patch's `memory_top_k` highest-scoring memory inputs only. `None`
+            averages it over all of them, as in the paper; with a large memory set (thousands of positions, most of
+            them far from the edit) that mean hardly pulls the key away from the few out-of-scope inputs that score
+            close to the edit, such as prompts of the same relation.
+        max_value_scale (`float`, *optional*, defaults to `None`):
+            After training, each patch's threshold is raised above every memory input's score (halfway between the
+            closest one and the edit input) and its value scaled up to keep its output on the edit input. When that
+            factor would exceed `max_value_scale`, the threshold is raised only as far as this factor allows, and
+            the patch may still fire weakly on the closest memory inputs: a large factor makes any unseen input just
+            past the threshold get a large output. `None` silences the memory whatever the factor.
     """
 
     edit_type: ClassVar[str] = "tpatcher"
@@ -59,6 +70,12 @@ class TPatcherConfig(EditConfig):
         default=None, metadata={"help": "Edit dataset (e.g. a train split) whose first records give memory prompts."}
     )
     memory_records: int = field(default=64, metadata={"help": "Records of memory_file used."})
+    memory_top_k: int | None = field(
+        default=None, metadata={"help": "Memory inputs per patch in the memory hinge (highest scores); None: all."}
+    )
+    max_value_scale: float | None = field(
+        default=None, metadata={"help": "Largest factor a patch's value is scaled by when silenced; None: no cap."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -74,6 +91,17 @@ class TPatcherConfig(EditConfig):
                 name == "lr" and value == 0
             ):
                 raise EditConfigError(f"TPatcherConfig.{name} must be a finite number >= 0 (lr > 0), got {value!r}.")
+        if self.memory_top_k is not None and (
+            not isinstance(self.memory_top_k, int) or isinstance(self.memory_top_k, bool) or self.memory_top_k < 1
+        ):
+            raise EditConfigError(f"TPatcherConfig.memory_top_k must be a positive integer or None, got "
+                                  f"{self.memory_top_k!r}.")
+        if self.max_value_scale is not None and not (
+            isinstance(self.max_value_scale, (int, float)) and not isinstance(self.max_value_scale, bool)
+            and math.isfinite(self.max_value_scale) and self.max_value_scale >= 1
+        ):
+            raise EditConfigError(f"TPatcherConfig.max_value_scale must be a finite number >= 1 or None, got "
+                                  f"{self.max_value_scale!r}.")
         if self.memory_prompts is not None and not all(isinstance(p, str) and p.strip() for p in self.memory_prompts):
             raise EditConfigError("TPatcherConfig.memory_prompts must be a list of non-empty strings.")
         if self.memory_file is not None and not (isinstance(self.memory_file, str) and self.memory_file.strip()):

@@ -156,26 +156,38 @@ class TPatcherEditor(BaseEditor):
                 edit_loss = -target_log_probs().mean()
                 scale = patch.keys.norm(dim=-1) * edit_input.norm()  # scores in units of the initial key
                 activation_loss = torch.relu(config.margin - patch.scores(edit_input) / scale).mean()
-                memory_loss = torch.relu(patch.scores(memory) / scale + config.margin).mean() if len(memory) else 0
+                memory_loss = self.memory_loss(patch.scores(memory) / scale) if len(memory) else 0
                 loss = edit_loss + config.activation_weight * activation_loss + config.memory_weight * memory_loss
                 if not torch.isfinite(loss):
                     raise EditFailedError(f"The T-Patcher loss became {loss.item()}; lower TPatcherConfig.lr.")
                 loss.backward()
                 optimizer.step()
-        return self.silence_on_memory(patch, edit_input, memory)
+        return self.silence_on_memory(patch, edit_input, memory, config.max_value_scale)
+
+    def memory_loss(self, scores):
+        """The memory hinge `relu(score + margin)` on `scores` `(memory inputs, patches)`, averaged per patch over
+        all memory inputs or over its `memory_top_k` highest-scoring ones."""
+        top_k = self.config.memory_top_k
+        if top_k is not None and top_k < len(scores):
+            scores = scores.topk(top_k, dim=0).values
+        return torch.relu(scores + self.config.margin).mean()
 
     @staticmethod
-    def silence_on_memory(patch: SideFFN, edit_input, memory) -> tuple[SideFFN, float]:
+    def silence_on_memory(patch: SideFFN, edit_input, memory, max_scale=None) -> tuple[SideFFN, float]:
         """Raise each patch's threshold above every out-of-scope score when the edit input still scores higher, and
         scale its value so that its output on the edit input is unchanged: the memory loss made exact. Returns the
         patch and the largest factor a value was scaled by: the closer a memory input scores to the edit input, the
-        larger it is, and the more a prompt just past the threshold is changed."""
+        larger it is, and the more a prompt just past the threshold is changed. With `max_scale`, the threshold is
+        raised only as far as a factor of `max_scale` allows."""
         with torch.no_grad():
             raw_edit = patch.keys @ edit_input
             raw_memory = (memory @ patch.keys.T).max(0).values if len(memory) else torch.full_like(raw_edit, -1e9)
             separable = raw_edit > raw_memory
             floor = -(raw_memory + 0.5 * (raw_edit - raw_memory))  # halfway
+            old_activation = raw_edit + patch.biases
+            if max_scale is not None:  # the activation on the edit input may shrink by max_scale at most
+                floor = torch.maximum(floor, old_activation / max_scale - raw_edit)
             bias = torch.where(separable, torch.minimum(patch.biases, floor), patch.biases)
-            old_activation, new_activation = raw_edit + patch.biases, raw_edit + bias
+            new_activation = raw_edit + bias
             ratio = torch.where(separable & (old_activation > 0), old_activation / new_activation.clamp(min=1e-12), 1.0)
             return SideFFN(patch.keys, bias, patch.values * ratio[:, None], patch.activation), float(ratio.max())
