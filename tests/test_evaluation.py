@@ -22,7 +22,14 @@ from hf_knowedit.evaluation import (
 )
 from hf_knowedit.evaluation.cli import add_evaluate_parser, add_report_parser
 from hf_knowedit.evaluation.probes import ChatTemplateError, apply_chat_template, chat_prompt
-from hf_knowedit.evaluation.report import find_summaries, markdown_tables, write_report
+from hf_knowedit.evaluation.report import (
+    _distinct_names,
+    _series_key,
+    find_summaries,
+    markdown_tables,
+    plot_metrics_vs_edits,
+    write_report,
+)
 from hf_knowedit.scoring import BatchScorer
 from hf_knowedit.utils import parse_overrides
 
@@ -393,6 +400,31 @@ def _table_summary(method: str, completed: int, pre_reliability: float) -> dict:
             "metrics": {"pre": {"reliability": {"token_accuracy": stats(pre_reliability)}},
                         "post": {"reliability": {"token_accuracy": stats(1.0)}}},
             "efficiency": {"edit_seconds_per_case": {"mean": 1.0}, "rss_peak_bytes": None}}
+
+
+def test_plot_lines_and_bars_that_share_a_name_say_what_tells_them_apart(tmp_path):
+    """Batch runs of one config join one line; each sequential run is its own; two lines or bars of one method that
+    would share a name get the config fields (or settings) that differ, else their run directory."""
+    def summary(mode, batch, config, sees_probes=False):
+        entry = _table_summary("TP", 5, 0.1)
+        entry.update(mode=mode, batch_size=batch, method_config=config, settings={"editor_sees_probes": sees_probes})
+        return entry
+
+    runs = [(tmp_path / "b1", summary("single", 1, {"lr": 0.1})), (tmp_path / "b10", summary("batch", 10, {"lr": 0.1})),
+            (tmp_path / "b10_probes", summary("batch", 10, {"lr": 0.1}, sees_probes=True)),
+            (tmp_path / "seq_a", summary("sequential", 1, {"lr": 0.1, "memory_file": "/data/train.json"})),
+            (tmp_path / "seq_b", summary("sequential", 1, {"lr": 0.1, "memory_file": None})),
+            (tmp_path / "seq_c", summary("sequential", 1, {"lr": 0.1, "memory_file": None}))]
+    line = lambda s: f"{s['method_label']} {s['mode'] if s['mode'] != 'single' else 'batch'}"  # noqa: E731
+    assert _distinct_names(runs, line, _series_key) == [
+        "TP batch (editor_sees_probes=false)", "TP batch (editor_sees_probes=false)",
+        "TP batch (editor_sees_probes=true)", "TP sequential (seq_a)", "TP sequential (seq_b)", "TP sequential (seq_c)"]
+    assert _distinct_names(runs[3:5], line, _series_key) == [
+        "TP sequential (memory_file=train.json)", "TP sequential (memory_file=null)"]
+    assert _distinct_names(runs[:2], line, _series_key) == ["TP batch", "TP batch"]
+    bars = _distinct_names(runs[1:3], lambda s: f"{s['method_label']} b{s['batch_size']}", lambda d, s: str(d))
+    assert bars == ["TP b10 (editor_sees_probes=false)", "TP b10 (editor_sees_probes=true)"]
+    assert [p.name for p in plot_metrics_vs_edits(runs, tmp_path)] == ["metrics_vs_edits_cf.png"]
 
 
 def test_unedited_row_comes_from_the_run_with_the_most_cases():

@@ -6,7 +6,9 @@
   is closest to editing one fact at a time (mode `single`, else the smallest batch, else sequential).
 - A second table lists every run with its mode, batch size, schedule, number of cases, all metrics, time and memory.
 - Plots: each metric against the number of edits (batch size for batch runs, edits applied for sequential runs), one
-  figure per dataset; and edit time per case and peak memory per run.
+  figure per dataset; and edit time per case and peak memory per run. A line joins the batch runs of one method and
+  config, and each sequential run has its own; where two lines or bars would share a name, the config fields that
+  tell them apart (else the run directory) are added to it.
 """
 
 import json
@@ -155,6 +157,49 @@ def _rel(path: Path, relative_to) -> str:
         return str(path)
 
 
+def _variant(summary: dict) -> dict:
+    """The method's config and the settings that change what an editor does."""
+    settings = summary.get("settings") or {}
+    return {**(summary.get("method_config") or {}), "editor_sees_probes": _editor_saw_probes(summary),
+            "chat_template": bool(settings.get("chat_template"))}
+
+
+def _series_key(directory: Path, summary: dict) -> tuple:
+    """What joins runs into one line: a sequential run is its own line, batch runs of a method share one per config
+    and setting."""
+    if summary["mode"] == "sequential":
+        return ("run", str(directory))
+    return ("batch", json.dumps(_variant(summary), sort_keys=True, default=str))
+
+
+def _distinct_names(runs: list[tuple[Path, dict]], base, key) -> list[str]:
+    """A name per run: `base(summary)`, and where several series (`key(directory, summary)`) share that name, the
+    config fields and settings whose values differ between them, else the run's directory name."""
+    keys = [key(directory, summary) for directory, summary in runs]
+    groups: dict[str, dict] = {}
+    for (directory, summary), series in zip(runs, keys):
+        groups.setdefault(base(summary), {}).setdefault(series, (directory, summary))
+    suffixes = {}
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        variants = {series: _variant(summary) for series, (_, summary) in members.items()}
+        fields = sorted(name for name in {n for v in variants.values() for n in v}
+                        if len({json.dumps(v.get(name), sort_keys=True, default=str) for v in variants.values()}) > 1)
+        text = {series: ", ".join(f"{name}={_short(variants[series].get(name))}" for name in fields)
+                for series in members}
+        if not fields or len(set(text.values())) < len(members):
+            text = {series: directory.name for series, (directory, _) in members.items()}
+        suffixes.update(text)
+    return [base(summary) + (f" ({suffixes[series]})" if series in suffixes else "")
+            for (_, summary), series in zip(runs, keys)]
+
+
+def _short(value, width: int = 28) -> str:
+    text = value.rsplit("/", 1)[-1] if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def plot_metrics_vs_edits(runs: list[tuple[Path, dict]], output_dir: Path, protocol: str = "token_accuracy"):
     """One PNG per dataset: each metric against the number of edits, a line per method and mode."""
     import matplotlib
@@ -165,18 +210,20 @@ def plot_metrics_vs_edits(runs: list[tuple[Path, dict]], output_dir: Path, proto
 
     files = []
     for dataset in sorted({s["dataset_name"] for _, s in runs}):
-        subset = [s for _, s in runs if s["dataset_name"] == dataset]
+        selected = [(d, s) for d, s in runs if s["dataset_name"] == dataset]
+        subset = [s for _, s in selected]
         metrics = [(m, label) for m, label in ALL_METRICS if any(_stat(s, m, protocol) for s in subset)]
         if not metrics:
             continue
         fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 2.2, 3.4), squeeze=False)
-        names = sorted({f"{s['method_label']} {s['mode'] if s['mode'] != 'single' else 'batch'}" for s in subset})
+        run_names = _distinct_names(
+            selected, lambda s: f"{s['method_label']} {s['mode'] if s['mode'] != 'single' else 'batch'}", _series_key)
+        names = sorted(set(run_names))
         colours = plt.get_cmap("tab20")
         styles = {name: dict(color=colours(i % 20), marker="os^Dv"[i // 20 % 5]) for i, name in enumerate(names)}
         for ax, (metric, label) in zip(axes[0], metrics):
             series: dict[str, list[tuple[int, float]]] = {}
-            for summary in subset:
-                name = f"{summary['method_label']} {summary['mode'] if summary['mode'] != 'single' else 'batch'}"
+            for summary, name in zip(subset, run_names):
                 if summary["mode"] == "sequential" and summary.get("curve"):
                     for point in summary["curve"]:
                         stats = point["metrics"].get(metric, {}).get(
@@ -216,10 +263,12 @@ def plot_efficiency(runs: list[tuple[Path, dict]], output_dir: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [(f"{s['method_label']} {s['dataset_name'][:12]} {s['mode'][:3]} b{s['batch_size']}",
-             s["efficiency"]["edit_seconds_per_case"]["mean"],
+    timed = [(d, s) for d, s in runs if s["efficiency"]["edit_seconds_per_case"]["mean"] is not None]
+    names = _distinct_names(timed, lambda s: f"{s['method_label']} {s['dataset_name'][:12]} {s['mode'][:3]} "
+                                             f"b{s['batch_size']}", lambda d, s: str(d))
+    rows = [(name, s["efficiency"]["edit_seconds_per_case"]["mean"],
              (s["efficiency"].get("cuda_max_allocated_bytes") or s["efficiency"].get("rss_peak_bytes") or 0) / 1e9)
-            for _, s in runs if s["efficiency"]["edit_seconds_per_case"]["mean"] is not None]
+            for name, (_, s) in zip(names, timed)]
     if not rows:
         return []
     fig, axes = plt.subplots(1, 2, figsize=(10, 0.35 * len(rows) + 1.5))
