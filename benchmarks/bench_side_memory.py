@@ -4,7 +4,8 @@ Per method: seconds per edit, artifact bytes, and, by probability comparison (me
 ROME's CounterFact protocol), efficacy P(new) > P(true) on the edit prompt, paraphrase the same on the rephrased
 prompt, neighbourhood P(true) > P(new) on the locality prompt. Each record is edited alone and the edit is deleted
 before the next. For T-Patcher, also its value scale (`stats["tpatcher_value_scale"]`, smallest and largest over the
-edits); `tpatcher_memory` is T-Patcher with the paper's memory set (64 train-split records), and its variants
+edits), its score on the edit prompt in units of its key and its gain (median and largest over the edits; see
+`tpatcher_gain`); `tpatcher_memory` is T-Patcher with the paper's memory set (64 train-split records), and its variants
 `tpatcher_memory_topk` (memory hinge over the 32 closest memory inputs), `tpatcher_memory_cap` (value scale capped
 at 4) and `tpatcher_memory_topk_cap` (both).
 
@@ -34,6 +35,18 @@ def mean_log_prob(model, tokenizer, prompt, target):
     batch = encode_prompt_target(tokenizer, [prompt], [target], model=model)
     with torch.no_grad():
         return batch.target_log_probs(model(**batch.model_inputs()).logits).item()
+
+
+def tpatcher_gain(edited, request):
+    """The patch's score on its edit prompt in units of its key (`x·k + b` over `|k| |x|`) and its gain `|v| |k| |x|`:
+    how far the model's FFN output moves per unit of score, on the edit prompt or on any prompt past the threshold."""
+    from hf_knowedit.methods.tpatcher.editor import TPatcherEditor
+
+    [(path, patches)] = edited.get_edit("bench").components.items()
+    patch = patches[0] if isinstance(patches, list) else patches
+    x = TPatcherEditor.ffn_inputs(edited, path, [request.filled_prompt], "cpu")[-1]
+    unit = float(patch.keys[0].norm() * x.norm())
+    return float(patch.scores(x)[0]) / unit, float(patch.values[0].norm()) * unit
 
 
 def tpatcher_memory_reuse(edited, config, requests):
@@ -98,12 +111,14 @@ def main():
         return
     for method in args.methods.split(","):
         scores = {"efficacy": [], "paraphrase": [], "neighbourhood": []}
-        seconds, sizes, value_scales = [], [], []
+        seconds, sizes, value_scales, gains = [], [], [], []
         for record, request in zip(records, requests, strict=True):
             start = time.perf_counter()
             edited.add_edits(configs[method], [request], edit_name="bench")
             seconds.append(time.perf_counter() - start)
             value_scales.append(edited.get_edit("bench").stats.get("tpatcher_value_scale"))
+            if method.startswith("tpatcher"):
+                gains.append(tpatcher_gain(edited, request))
             with tempfile.TemporaryDirectory() as tmp:
                 sizes.append(edited.save_pretrained(tmp)["bench"])
             new, true = request.target_new, request.target_true
@@ -116,7 +131,9 @@ def main():
         figures = {k: round(sum(v) / len(v), 3) for k, v in scores.items()}
         print(f"{method:15s} n={len(records)} edit_s={sum(seconds) / len(seconds):.2f} "
               f"artifact_bytes={int(sum(sizes) / len(sizes))} {figures}"
-              + (f" value_scale={min(value_scales):.1f}..{max(value_scales):.1f}" if None not in value_scales else ""),
+              + (f" value_scale={min(value_scales):.1f}..{max(value_scales):.1f}" if None not in value_scales else "")
+              + (" edit_score={:.3f} gain={:.0f} (max {:.0f})".format(
+                  *torch.tensor(gains).median(0).values[:2].tolist(), max(g[1] for g in gains)) if gains else ""),
               flush=True)
     with edited.disable_edits():
         base = {"efficacy": [], "paraphrase": [], "neighbourhood": []}
