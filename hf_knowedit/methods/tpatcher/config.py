@@ -81,8 +81,10 @@ class TPatcherConfig(EditConfig):
         super().__post_init__()
         if self.layers is not None and len(self.layers) != 1:
             raise EditConfigError(f"TPatcherConfig.layers must name one block, got {self.layers}.")
-        for name in ("neurons_per_edit", "num_steps", "memory_records"):
+        for name in ("neurons_per_edit", "num_steps", "memory_records", "memory_top_k"):
             value = getattr(self, name)
+            if name == "memory_top_k" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise EditConfigError(f"TPatcherConfig.{name} must be a positive integer, got {value!r}.")
         for name in ("lr", "activation_weight", "memory_weight", "margin"):
@@ -91,11 +93,6 @@ class TPatcherConfig(EditConfig):
                 name == "lr" and value == 0
             ):
                 raise EditConfigError(f"TPatcherConfig.{name} must be a finite number >= 0 (lr > 0), got {value!r}.")
-        if self.memory_top_k is not None and (
-            not isinstance(self.memory_top_k, int) or isinstance(self.memory_top_k, bool) or self.memory_top_k < 1
-        ):
-            raise EditConfigError(f"TPatcherConfig.memory_top_k must be a positive integer or None, got "
-                                  f"{self.memory_top_k!r}.")
         if self.max_value_scale is not None and not (
             isinstance(self.max_value_scale, (int, float)) and not isinstance(self.max_value_scale, bool)
             and math.isfinite(self.max_value_scale) and self.max_value_scale >= 1
