@@ -42,8 +42,7 @@ def tpatcher_gain(edited, request):
     how far the model's FFN output moves per unit of score, on the edit prompt or on any prompt past the threshold."""
     from hf_knowedit.methods.tpatcher.editor import TPatcherEditor
 
-    [(path, patches)] = edited.get_edit("bench").components.items()
-    patch = patches[0] if isinstance(patches, list) else patches
+    [(path, [patch])] = edited.get_edit("bench").components.items()
     x = TPatcherEditor.ffn_inputs(edited, path, [request.filled_prompt], "cpu")[-1]
     unit = float(patch.keys[0].norm() * x.norm())
     return float(patch.scores(x)[0]) / unit, float(patch.values[0].norm()) * unit
@@ -86,14 +85,14 @@ def main():
     parser.add_argument("--serac-editor", default=str(ROOT / "runs" / "serac-smollm2"),
                         help="SERAC's trained scope classifier (hf-knowedit train-editor --method serac --output DIR).")
     args = parser.parse_args()
+    memory_set = dict(memory_file=str(COUNTERFACT_TRAIN), memory_records=64)
     configs = {
         "grace": GRACEConfig(),
         "tpatcher": TPatcherConfig(),
-        "tpatcher_memory": TPatcherConfig(memory_file=str(COUNTERFACT_TRAIN), memory_records=64),
-        "tpatcher_memory_topk": TPatcherConfig(memory_file=str(COUNTERFACT_TRAIN), memory_records=64, memory_top_k=32),
-        "tpatcher_memory_cap": TPatcherConfig(memory_file=str(COUNTERFACT_TRAIN), memory_records=64, max_value_scale=4),
-        "tpatcher_memory_topk_cap": TPatcherConfig(memory_file=str(COUNTERFACT_TRAIN), memory_records=64,
-                                                   memory_top_k=32, max_value_scale=4),
+        "tpatcher_memory": TPatcherConfig(**memory_set),
+        "tpatcher_memory_topk": TPatcherConfig(**memory_set, memory_top_k=32),
+        "tpatcher_memory_cap": TPatcherConfig(**memory_set, max_value_scale=4),
+        "tpatcher_memory_topk_cap": TPatcherConfig(**memory_set, memory_top_k=32, max_value_scale=4),
         "calinet": CaliNETConfig(),
         "ike": IKEConfig(demonstrations_file=str(COUNTERFACT_TRAIN), num_demonstrations=8),
         "serac": SERACConfig(editor=args.serac_editor),
@@ -133,7 +132,7 @@ def main():
               f"artifact_bytes={int(sum(sizes) / len(sizes))} {figures}"
               + (f" value_scale={min(value_scales):.1f}..{max(value_scales):.1f}" if None not in value_scales else "")
               + (" edit_score={:.3f} gain={:.0f} (max {:.0f})".format(
-                  *torch.tensor(gains).median(0).values[:2].tolist(), max(g[1] for g in gains)) if gains else ""),
+                  *torch.tensor(gains).median(0).values.tolist(), max(g[1] for g in gains)) if gains else ""),
               flush=True)
     with edited.disable_edits():
         base = {"efficacy": [], "paraphrase": [], "neighbourhood": []}
