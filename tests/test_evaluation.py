@@ -4,6 +4,7 @@ import argparse
 import hashlib
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,10 +24,12 @@ from hf_knowedit.evaluation import (
 from hf_knowedit.evaluation.cli import add_evaluate_parser, add_report_parser
 from hf_knowedit.evaluation.probes import ChatTemplateError, apply_chat_template, chat_prompt
 from hf_knowedit.evaluation.report import (
+    _device_tag,
     _distinct_names,
     _series_key,
     find_summaries,
     markdown_tables,
+    plot_efficiency,
     plot_metrics_vs_edits,
     write_report,
 )
@@ -435,13 +438,18 @@ def test_unedited_row_comes_from_the_run_with_the_most_cases():
     assert "- *unedited model* / cf: the pre-edit scores of `runs/b` (200 cases)" in table
 
 
-def test_results_page_rows_come_from_the_run_they_name(runs, tmp_path):
-    """benchmarks/results/summary_rows.py, which make_results.py uses for the batch, sequential and fluency tables of
-    docs/results.md, reads each figure from the run's summary."""
+def _summary_rows_module():
     spec = importlib.util.spec_from_file_location(
         "summary_rows", Path(__file__).parents[1] / "benchmarks" / "results" / "summary_rows.py")
     summary_rows = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(summary_rows)
+    return summary_rows
+
+
+def test_results_page_rows_come_from_the_run_they_name(runs, tmp_path):
+    """benchmarks/results/summary_rows.py, which make_results.py uses for the batch, sequential and fluency tables of
+    docs/results.md, reads each figure from the run's summary."""
+    summary_rows = _summary_rows_module()
     _, result = runs
     batch_dir = str(result[("batch", 2, "final")][0])
     summary = json.loads((Path(batch_dir) / "summary.json").read_text())
@@ -461,3 +469,42 @@ def test_results_page_rows_come_from_the_run_they_name(runs, tmp_path):
         f"| FT (to {summary['curve'][-1]['num_edits']} edits) | ")
     fluency = json.loads((Path(batch_dir) / "summary.json").read_text())["metrics"]["post"]["fluency"]["ngram_entropy"]
     assert summary_rows.row("fluency", "FT", batch_dir).startswith(f"| FT | {fluency['mean']:.2f} ± ")
+
+
+def test_gpu_rows_compare_with_the_cpu_run_on_the_same_cases(runs, tmp_path, monkeypatch):
+    """The GPU table of docs/results.md: a GPU run's figures, its peak GPU memory, and the edit seconds of the CPU run
+    of the same name over the cases the GPU run edited; no CPU figure when the configs differ; a CPU run is refused."""
+    summary_rows = _summary_rows_module()
+    _, result = runs
+    source = result[("batch", 2, "final")][0]
+    monkeypatch.chdir(tmp_path)
+    cpu, gpu = Path("runs/counterfact/ft_batch2"), Path("runs/gpu/counterfact/ft_batch2")
+    shutil.copytree(source, cpu)
+    gpu.mkdir(parents=True)
+    records = [json.loads(line) for line in (cpu / "results.jsonl").read_text().splitlines()]
+    (gpu / "results.jsonl").write_text("".join(json.dumps({**r, "edit_seconds": 0.5}) + "\n" for r in records[:2]))
+    summary = json.loads((cpu / "summary.json").read_text())
+    summary["environment"]["device"] = "cuda:0"
+    summary["efficiency"].update(cuda_max_allocated_bytes=1.5e9, edit_seconds_per_case={"mean": 0.5})
+    (gpu / "summary.json").write_text(json.dumps(summary))
+    cells = summary_rows.row("gpu", "FT", str(gpu)).split(" | ")
+    cpu_seconds = sum(r["edit_seconds"] for r in records[:2]) / 2
+    assert cells[1:4] == ["batch 2", "fp32", str(summary["num_completed"])]
+    assert cells[-5:-1] == ["0.50", f"{cpu_seconds:.2f}", f"{cpu_seconds / 0.5:.1f}x", "1.50"]
+    assert summary_rows.row("batch", "FT", str(gpu)).split(" | ")[-2] == "1.50 GPU"
+    summary["settings"]["config"] = {**summary["settings"]["config"], "lr": 123.0}
+    (gpu / "summary.json").write_text(json.dumps(summary))
+    assert summary_rows.row("gpu", "FT", str(gpu)).split(" | ")[-4:-2] == ["–", "–"]
+    with pytest.raises(ValueError, match="not run on a GPU"):
+        summary_rows.row("gpu", "FT", str(cpu))
+
+
+def test_efficiency_bars_name_runs_made_on_a_gpu(tmp_path):
+    """A bar of the efficiency plot for a GPU run says GPU: its seconds are not comparable with a CPU run's."""
+    cpu, gpu = _table_summary("ROME", 5, 0.1), _table_summary("ROME", 5, 0.1)
+    gpu["environment"] = {"device": "cuda:0"}
+    gpu["efficiency"] = {"edit_seconds_per_case": {"mean": 0.1}, "cuda_max_allocated_bytes": 2e9}
+    cpu["environment"] = {"device": "cpu"}
+    assert _device_tag(gpu) == " GPU" and _device_tag(cpu) == ""
+    assert [p.name for p in plot_efficiency([(tmp_path / "a", cpu), (tmp_path / "b", gpu)], tmp_path)] == [
+        "efficiency.png"]

@@ -4,8 +4,10 @@ benchmarks/results/run_single_edits.sh.
 - Between <!-- KEY --> and <!-- /KEY --> (KEY: token_accuracy, prob_comparison, all): `hf-knowedit report` over every
   run under runs/counterfact and runs/zsre.
 - Between <!-- rows KIND --> and <!-- /rows -->: each table row that ends with a run in backticks is recomputed from
-  that run (summary_rows.py, KIND batch, sequential or fluency), keeping its first cell, the method's name. To add a
-  row, write `| NAME | `runs/...` |` in the table and run this script.
+  that run (summary_rows.py, KIND batch, sequential, fluency or gpu), keeping its first cell, the method's name. To
+  add a row, write `| NAME | `runs/...` |` in the table and run this script.
+- docs/report_gpu: the plots of `hf-knowedit report` over the GPU runs under runs/gpu (benchmarks/results/run_gpu.sh),
+  kept apart from the CPU runs' plots so that no plot sets GPU seconds beside CPU seconds.
 """
 import re
 import subprocess
@@ -38,10 +40,14 @@ for protocol in ("token_accuracy", "prob_comparison"):
     if protocol == "token_accuracy":
         tables["all"] = re.search(r"\| Method \| Dataset \|.*?\n\n(?:† .*?\n\n?)?", text, re.S).group(0)
         tables["all"] = re.sub(r"`(\.\./)+(work/main/)?runs/", "`runs/", tables["all"])
+gpu_runs = sorted(str(p.parent) for p in Path("runs", "gpu").glob("*/*/summary.json"))
+if gpu_runs:
+    subprocess.run([".venv/bin/hf-knowedit", "report", *gpu_runs, "--output", "docs/report_gpu"], check=True,
+                   capture_output=True)
 doc = Path("docs/results.md").read_text()
 for key, table in tables.items():
     pattern = rf"(<!-- {key} -->\n).*?(<!-- /{key} -->)"
     doc = re.sub(pattern, lambda m, table=table: m.group(1) + table + m.group(2), doc, flags=re.S)
 doc = re.sub(r"<!-- rows (\w+) -->\n(.*?)\n<!-- /rows -->", rows_block, doc, flags=re.S)
 Path("docs/results.md").write_text(doc)
-print("runs:", len(runs))
+print("runs:", len(runs), "GPU runs:", len(gpu_runs))

@@ -1,6 +1,6 @@
-"""Markdown table rows for the batch, sequential and fluency tables of docs/results.md, from run directories.
+"""Markdown table rows for the batch, sequential, fluency and GPU tables of docs/results.md, from run directories.
 
-Usage: python benchmarks/results/summary_rows.py --kind batch|sequential|fluency RUN_DIR...
+Usage: python benchmarks/results/summary_rows.py --kind batch|sequential|fluency|gpu RUN_DIR...
 - batch: method, batch size, cases done, token-accuracy reliability / generalization / locality (unchanged), the same
   three under prob_comparison, edit seconds per case, peak RSS in GB, the run.
 - sequential: method (with "to N edits" when the stream stopped early), token-accuracy reliability / generalization /
@@ -8,6 +8,11 @@ Usage: python benchmarks/results/summary_rows.py --kind batch|sequential|fluency
   edits, edit seconds per case, the run.
 - fluency: method, post-edit fluency with its 95% interval, token-accuracy reliability, the run (and the untouched
   model's fluency on stderr).
+- gpu: method, mode, dtype, cases, token-accuracy reliability / locality (unchanged), the same two under
+  prob_comparison, edit seconds per case on the GPU, on one CPU thread (the run of the same name under
+  runs/counterfact, over the same cases, when its config, dtype, mode and batch size match), the ratio, and the peak
+  GPU memory in GB.
+In the batch table, a run made on a GPU gives its peak GPU memory (marked "GPU") instead of the process RSS.
 make_results.py calls row() for every row of the tables marked <!-- rows KIND --> in docs/results.md.
 """
 import argparse
@@ -34,9 +39,56 @@ def seconds(summary) -> str:
 def batch_cells(summary) -> list[str]:
     token = [pct(_stat(summary, m, "token_accuracy")) for m in TRIPLE]
     prob = [pct(_stat(summary, m, "prob_comparison")) for m in TRIPLE]
-    rss = summary["efficiency"]["rss_peak_bytes"]
     return [f"{summary['batch_size']:,}", f"{summary['num_completed']:,}", *token, " / ".join(prob), seconds(summary),
-            "–" if rss is None else f"{rss / 1e9:.2f}"]
+            peak_memory(summary)]
+
+
+def on_gpu(summary) -> bool:
+    return str(summary.get("environment", {}).get("device", "")).startswith("cuda")
+
+
+def peak_memory(summary) -> str:
+    """Peak memory in GB: the GPU's (torch.cuda.max_memory_allocated) for a run made on a GPU, else the RSS."""
+    efficiency = summary["efficiency"]
+    if on_gpu(summary):
+        return f"{efficiency['cuda_max_allocated_bytes'] / 1e9:.2f} GPU"
+    return "–" if efficiency["rss_peak_bytes"] is None else f"{efficiency['rss_peak_bytes'] / 1e9:.2f}"
+
+
+def cpu_seconds_on_same_cases(run: str, summary) -> float | None:
+    """Mean edit seconds per case of the CPU run named like RUN under runs/counterfact, over the cases RUN edited,
+    if that run has the same method config, dtype, mode and batch size and has edited all of them."""
+    cpu_run = Path("runs", "counterfact", Path(run).name)
+    if not (cpu_run / "summary.json").is_file():
+        return None
+    cpu = json.loads((cpu_run / "summary.json").read_text())
+    keys = ("config", "dtype", "mode", "batch_size")
+    if on_gpu(cpu) or any(cpu["settings"].get(key) != summary["settings"].get(key) for key in keys):
+        return None
+
+    def seconds_by_case(directory):
+        with open(Path(directory) / "results.jsonl") as handle:
+            return {record["index"]: record["edit_seconds"] for record in map(json.loads, handle)}
+
+    wanted, have = seconds_by_case(run), seconds_by_case(cpu_run)
+    if not wanted or not set(wanted) <= set(have):
+        return None
+    return sum(have[index] for index in wanted) / len(wanted)
+
+
+def gpu_cells(summary, run: str) -> list[str]:
+    if not on_gpu(summary):
+        raise ValueError(f"{run} was not run on a GPU (its summary's environment.device is "
+                         f"{summary.get('environment', {}).get('device')!r})")
+    pair = ("reliability", "locality_unchanged")
+    mode = "single" if summary["mode"] == "single" else f"{summary['mode']} {summary['batch_size']:,}"
+    dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[summary["settings"]["dtype"]]
+    gpu_seconds = summary["efficiency"]["edit_seconds_per_case"]["mean"]
+    cpu_seconds = cpu_seconds_on_same_cases(run, summary)
+    ratio = "–" if cpu_seconds is None else f"{cpu_seconds / gpu_seconds:.1f}x"
+    return [mode, dtype, f"{summary['num_completed']:,}", *[pct(_stat(summary, m, "token_accuracy")) for m in pair],
+            " / ".join(pct(_stat(summary, m, "prob_comparison")) for m in pair), seconds(summary),
+            "–" if cpu_seconds is None else f"{cpu_seconds:.2f}", ratio, peak_memory(summary).replace(" GPU", "")]
 
 
 def sequential_cells(summary) -> list[str]:
@@ -65,7 +117,8 @@ def fluency_cells(summary) -> list[str]:
     return [f"{entry['mean']:.2f} ± {half:.2f}", pct(_stat(summary, "reliability", "token_accuracy"))]
 
 
-CELLS = {"batch": batch_cells, "sequential": sequential_cells, "fluency": fluency_cells}
+CELLS = {"batch": lambda summary, run: batch_cells(summary), "sequential": lambda summary, run: sequential_cells(summary),
+         "fluency": lambda summary, run: fluency_cells(summary), "gpu": gpu_cells}
 
 
 def row(kind: str, label: str, run: str) -> str:
@@ -76,7 +129,7 @@ def row(kind: str, label: str, run: str) -> str:
         last = summary["curve"][-1]["num_edits"] if summary["curve"] else summary["num_completed"]
         if last < summary["num_cases"]:
             label += f" (to {last:,} edits)"
-    return f"| {label} | {' | '.join(CELLS[kind](summary))} | `{run}` |"
+    return f"| {label} | {' | '.join(CELLS[kind](summary, run))} | `{run}` |"
 
 
 def main():

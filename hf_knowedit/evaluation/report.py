@@ -256,6 +256,11 @@ def plot_metrics_vs_edits(runs: list[tuple[Path, dict]], output_dir: Path, proto
     return files
 
 
+def _device_tag(summary: dict) -> str:
+    """' GPU' for a run made on a GPU (its timings are not comparable with a CPU run's), else ''."""
+    return " GPU" if str(summary.get("environment", {}).get("device", "")).startswith("cuda") else ""
+
+
 def plot_efficiency(runs: list[tuple[Path, dict]], output_dir: Path):
     """A PNG with the mean edit time per case and the peak memory of each run."""
     import matplotlib
@@ -265,7 +270,7 @@ def plot_efficiency(runs: list[tuple[Path, dict]], output_dir: Path):
 
     timed = [(d, s) for d, s in runs if s["efficiency"]["edit_seconds_per_case"]["mean"] is not None]
     names = _distinct_names(timed, lambda s: f"{s['method_label']} {s['dataset_name'][:12]} {s['mode'][:3]} "
-                                             f"b{s['batch_size']}", lambda d, s: str(d))
+                                             f"b{s['batch_size']}{_device_tag(s)}", lambda d, s: str(d))
     rows = [(name, s["efficiency"]["edit_seconds_per_case"]["mean"],
              (s["efficiency"].get("cuda_max_allocated_bytes") or s["efficiency"].get("rss_peak_bytes") or 0) / 1e9)
             for name, (_, s) in zip(names, timed)]
