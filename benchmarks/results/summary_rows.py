@@ -117,7 +117,8 @@ def fluency_cells(summary) -> list[str]:
     return [f"{entry['mean']:.2f} ± {half:.2f}", pct(_stat(summary, "reliability", "token_accuracy"))]
 
 
-CELLS = {"batch": lambda summary, run: batch_cells(summary), "sequential": lambda summary, run: sequential_cells(summary),
+CELLS = {"batch": lambda summary, run: batch_cells(summary),
+         "sequential": lambda summary, run: sequential_cells(summary),
          "fluency": lambda summary, run: fluency_cells(summary), "gpu": gpu_cells}
 
 
