@@ -1,0 +1,129 @@
+"""How many T-Patcher patches fire on the neighbourhood prompts as a sequential stream of edits grows.
+
+T-Patcher's locality on CounterFact collapses over a long stream (docs/results.md, sequential section). This script
+edits the first `--n` CounterFact cases one after another with a T-Patcher config (the editor gets each case's prompt,
+subject and targets only, as in the harness) and, after every `--every` edits, reads the FFN inputs of the patched
+layer on the locality prompts of every case edited so far. All patches sit in that one layer, so those inputs do
+not depend on the patches, and a patch fires on a prompt exactly when its score `x @ key + bias` is positive there.
+Per checkpoint it prints:
+
+- `fire_any`: share of the locality prompts on which at least one patch fires at some position;
+- `fire_last`: the same at the prompt's last position (the one that predicts the next token);
+- `patches_last`: mean number of patches firing at the last position, and the largest;
+- `shift_last`: mean norm of what the patches add to the FFN output at the last position, in units of that
+  position's FFN output norm;
+- `top1_changed`: share of locality prompts whose greedy next token differs from the unedited model's;
+- `other_case_share`: of the firings at the last position, the share by patches written for another case than the
+  prompt's own (the patch of the prompt's case is allowed to fire on it only by mistake, too).
+
+    python benchmarks/diagnose_tpatcher_stream.py --config editing_configs/tpatcher/counterfact.json --n 300 --every 50
+"""
+
+import argparse
+import json
+import time
+
+import torch
+from paths import COUNTERFACT, ROOT  # noqa: E402  (sets the benchmarks' environment first)
+
+
+def next_tokens(edited, prompts, chunk=32):
+    """The greedy next token of every prompt."""
+    tokenizer = edited.tokenizer
+    found = []
+    for start in range(0, len(prompts), chunk):
+        batch = tokenizer(prompts[start:start + chunk], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            logits = edited(**batch).logits
+        last = batch["attention_mask"].sum(1) - 1 if tokenizer.padding_side == "right" else torch.full(
+            (len(logits),), logits.shape[1] - 1)
+        found.append(logits[torch.arange(len(logits)), last].argmax(-1))
+    return torch.cat(found)
+
+
+def ffn_outputs_last(edited, path, prompts, chunk=32):
+    """The FFN output (before any patch) at the last position of every prompt."""
+    from hf_knowedit.deltas import first_tensor
+
+    model = edited.base_model
+    module = model.get_submodule(path)
+    found = []
+    for start in range(0, len(prompts), chunk):
+        batch = edited.tokenizer(prompts[start:start + chunk], return_tensors="pt", padding=True)
+        seen = []
+        handle = module.register_forward_hook(lambda m, args, out: seen.append(first_tensor(out).detach()))
+        try:
+            with edited.disable_edits(), torch.no_grad():
+                edited(**batch)
+        finally:
+            handle.remove()
+        last = batch["attention_mask"].sum(1) - 1
+        found.append(seen[0][torch.arange(len(last)), last].float())
+    return torch.cat(found)
+
+
+def main():
+    from hf_knowedit import EditedModel, load_default_model
+    from hf_knowedit.config import EditConfig
+    from hf_knowedit.data import load_edit_dataset
+    from hf_knowedit.methods.calinet.side_ffn import ffn_host_path
+    from hf_knowedit.methods.tpatcher.editor import TPatcherEditor
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(ROOT / "editing_configs" / "tpatcher" / "counterfact.json"))
+    parser.add_argument("--dataset", default=str(COUNTERFACT))
+    parser.add_argument("--n", type=int, default=300)
+    parser.add_argument("--every", type=int, default=50)
+    args = parser.parse_args()
+    if args.n < 1 or args.every < 1:
+        parser.error("--n and --every must be positive.")
+    config = EditConfig.from_dict(json.loads(open(args.config).read()))
+    if config.edit_type != "tpatcher":
+        parser.error(f"{args.config} is a {config.edit_type} config, not T-Patcher's.")
+    requests = load_edit_dataset(args.dataset, n=args.n)
+    model, tokenizer = load_default_model()
+    edited = EditedModel(model, tokenizer)
+    path = ffn_host_path(edited.layout, config.resolve_layers(edited.layout)[0])
+    # the locality prompts of every case, with the index of the case they belong to
+    owners, prompts = zip(*[(i, probe.prompt) for i, r in enumerate(requests) for probe in r.locality])
+    owners = torch.tensor(owners)
+    prompts = list(prompts)
+    if tokenizer.padding_side != "right":
+        tokenizer.padding_side = "right"
+    inputs = TPatcherEditor.ffn_inputs(edited, path, prompts, model.device, per_prompt=True)
+    last_inputs = torch.stack([x[-1] for x in inputs])
+    base_out = ffn_outputs_last(edited, path, prompts)
+    base_top1 = next_tokens(edited, prompts)
+    print(f"T-Patcher stream diagnosis: {args.config}, {args.n} CounterFact edits, layer module {path}, "
+          f"{len(prompts)} locality prompts")
+    print("edits  prompts  fire_any  fire_last  patches_last(mean/max)  shift_last  top1_changed  other_case_share")
+    start = time.perf_counter()
+    for i, request in enumerate(requests):
+        bare = type(request)(prompt=request.prompt, subject=request.subject, target_new=request.target_new,
+                             target_true=request.target_true)
+        edited.add_edits(config, [bare], edit_name="stream")
+        done = i + 1
+        if done % args.every and done != len(requests):
+            continue
+        patches = edited.get_edit("stream").components[path]
+        keys = torch.cat([p.keys for p in patches])
+        biases = torch.cat([p.biases for p in patches])
+        values = torch.cat([p.values for p in patches])
+        patch_case = torch.repeat_interleave(torch.arange(len(patches)), torch.tensor([p.num_neurons for p in patches]))
+        seen = (owners < done).nonzero().squeeze(1)
+        fire_any = torch.tensor([bool(((inputs[j].float() @ keys.T + biases) > 0).any()) for j in seen.tolist()])
+        scores_last = last_inputs[seen] @ keys.T + biases
+        firing = scores_last > 0
+        added = torch.relu(scores_last) @ values
+        shift = (added.norm(dim=-1) / base_out[seen].norm(dim=-1)).mean()
+        top1 = next_tokens(edited, [prompts[j] for j in seen.tolist()])
+        other = (patch_case[None, :] != owners[seen][:, None]) & firing
+        count = firing.sum(1).float()
+        print(f"{done:5d}  {len(seen):7d}  {fire_any.float().mean():8.3f}  {firing.any(1).float().mean():9.3f}  "
+              f"{count.mean():12.2f} / {int(count.max()):<6d}  {shift:10.3f}  "
+              f"{(top1 != base_top1[seen]).float().mean():12.3f}  "
+              f"{other.sum() / max(int(firing.sum()), 1):16.3f}   ({time.perf_counter() - start:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
