@@ -461,6 +461,11 @@ def test_results_page_rows_come_from_the_run_they_name(runs, tmp_path):
     last = summary["curve"][-1]["metrics"]["locality_unchanged"]["token_accuracy"]["mean"]
     cells = summary_rows.row("sequential", "FT (to 3 edits)", sequential_dir).split(" | ")
     assert cells[0] == "| FT" and cells[3] == f"{100 * last:.1f}" and cells[4] == "–"
+    curve = summary_rows.curve_rows(sequential_dir)  # one row per checkpoint, the last one the run's end
+    assert len(curve) == len(summary["curve"]) and curve[-1].split(" | ")[:4:3] == [
+        f"| {summary['curve'][-1]['num_edits']}", f"{100 * last:.1f}"]
+    with pytest.raises(ValueError, match="no checkpoints"):
+        summary_rows.curve_rows(batch_dir)
     # a stream that stopped before its last case is labelled with the edits its last checkpoint saw
     stopped = tmp_path / "stopped"
     stopped.mkdir()

@@ -1,6 +1,6 @@
 """Markdown table rows for the batch, sequential, fluency and GPU tables of docs/results.md, from run directories.
 
-Usage: python benchmarks/results/summary_rows.py --kind batch|sequential|fluency|gpu RUN_DIR...
+Usage: python benchmarks/results/summary_rows.py --kind batch|sequential|fluency|gpu|curve RUN_DIR...
 - batch: method, batch size, cases done, token-accuracy reliability / generalization / locality (unchanged), the same
   three under prob_comparison, edit seconds per case, peak RSS in GB, the run.
 - sequential: method (with "to N edits" when the stream stopped early), token-accuracy reliability / generalization /
@@ -13,6 +13,9 @@ Usage: python benchmarks/results/summary_rows.py --kind batch|sequential|fluency
   runs/counterfact, over the same cases, when its config, dtype, mode and batch size match), the ratio, and the peak
   GPU memory in GB.
 In the batch table, a run made on a GPU gives its peak GPU memory (marked "GPU") instead of the process RSS.
+- curve (command line only): one row per checkpoint of a sequential run (its curve.jsonl, through summary.json's
+  `curve`): edits so far, then token-accuracy reliability / generalization / locality (unchanged) over the cases
+  edited so far.
 make_results.py calls row() for every row of the tables marked <!-- rows KIND --> in docs/results.md.
 """
 import argparse
@@ -133,12 +136,26 @@ def row(kind: str, label: str, run: str) -> str:
     return f"| {label} | {' | '.join(CELLS[kind](summary, run))} | `{run}` |"
 
 
+def curve_rows(run: str) -> list[str]:
+    """One row per checkpoint of the sequential run RUN: edits, token-accuracy reliability / generalization /
+    locality over the cases edited so far."""
+    summary = json.loads((Path(run) / "summary.json").read_text())
+    if not summary["curve"]:
+        raise ValueError(f"{run} has no checkpoints: only sequential runs with --eval-schedule every:K have them")
+    return [f"| {point['num_edits']:,} | "
+            + " | ".join(pct(point["metrics"].get(m, {}).get("token_accuracy")) for m in TRIPLE) + f" | `{run}` |"
+            for point in summary["curve"]]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+")
-    parser.add_argument("--kind", choices=sorted(CELLS), required=True)
+    parser.add_argument("--kind", choices=sorted([*CELLS, "curve"]), required=True)
     args = parser.parse_args()
     for run in args.runs:
+        if args.kind == "curve":
+            print("\n".join(curve_rows(run)))
+            continue
         summary = json.loads((Path(run) / "summary.json").read_text())
         print(row(args.kind, summary["method_label"], run))
         if args.kind == "fluency":
