@@ -28,37 +28,29 @@ from paths import COUNTERFACT, ROOT  # noqa: E402  (sets the benchmarks' environ
 
 
 def next_tokens(edited, prompts, chunk=32):
-    """The greedy next token of every prompt."""
+    """The greedy next token of every prompt (right padding)."""
     tokenizer = edited.tokenizer
     found = []
     for start in range(0, len(prompts), chunk):
         batch = tokenizer(prompts[start:start + chunk], return_tensors="pt", padding=True)
         with torch.no_grad():
             logits = edited(**batch).logits
-        last = batch["attention_mask"].sum(1) - 1 if tokenizer.padding_side == "right" else torch.full(
-            (len(logits),), logits.shape[1] - 1)
+        last = batch["attention_mask"].sum(1) - 1  # main() pads on the right
         found.append(logits[torch.arange(len(logits)), last].argmax(-1))
     return torch.cat(found)
 
 
 def ffn_outputs_last(edited, path, prompts, chunk=32):
-    """The FFN output (before any patch) at the last position of every prompt."""
-    from hf_knowedit.deltas import first_tensor
+    """The FFN output (with the edits disabled) at the last position of every prompt (right padding)."""
+    from hf_knowedit.methods.calinet.side_ffn import record_module_io
 
-    model = edited.base_model
-    module = model.get_submodule(path)
     found = []
     for start in range(0, len(prompts), chunk):
         batch = edited.tokenizer(prompts[start:start + chunk], return_tensors="pt", padding=True)
-        seen = []
-        handle = module.register_forward_hook(lambda m, args, out: seen.append(first_tensor(out).detach()))
-        try:
-            with edited.disable_edits(), torch.no_grad():
-                edited(**batch)
-        finally:
-            handle.remove()
+        with edited.disable_edits(), torch.no_grad(), record_module_io(edited.base_model, path) as records:
+            edited(**batch)
         last = batch["attention_mask"].sum(1) - 1
-        found.append(seen[0][torch.arange(len(last)), last].float())
+        found.append(records["output"][-1][torch.arange(len(last)), last].float())
     return torch.cat(found)
 
 

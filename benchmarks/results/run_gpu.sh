@@ -6,7 +6,6 @@
 #   bf16         ROME, MEMIT and FT-M again with the model loaded in bfloat16
 #   batch        MEMIT and AlphaEdit: the first B CounterFact cases edited in one batch, for B in GPU_BATCHES
 #                (default "100 1000"); BATCH_METHODS="memit alphaedit" by default
-#   seq500       ROME and MEMIT: 500 sequential CounterFact edits, scored every 100
 # Outputs: $GPU_RUNS/counterfact/<name>_<mode>; every run resumes like the CPU ones. MEND and KE run only where their trained
 # editors (runs/mend-smollm2, runs/ke-smollm2) exist.
 source "$(dirname "$0")/common.sh"
@@ -45,10 +44,6 @@ for step in "$@"; do
                evaluate $name editing_configs/$name/llama.json batch$b --n $b --mode batch --batch-size $b
              done
            done ;;
-    seq500) for s in rome:editing_configs/rome/llama.json memit:editing_configs/memit/llama.json; do
-              IFS=: read name rest <<< "$s"
-              evaluate $name "$rest" sequential500 --n 500 --mode sequential --eval-schedule every:100
-            done ;;
-    *) echo "unknown step $step (single, bf16, batch, seq500)" >&2; exit 2 ;;
+    *) echo "unknown step $step (single, bf16, batch)" >&2; exit 2 ;;
   esac
 done
