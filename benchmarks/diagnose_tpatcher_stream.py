@@ -20,8 +20,8 @@ Per checkpoint it prints:
 """
 
 import argparse
-import json
 import time
+from dataclasses import replace
 
 import torch
 from paths import COUNTERFACT, ROOT  # noqa: E402  (sets the benchmarks' environment first)
@@ -56,7 +56,7 @@ def ffn_outputs_last(edited, path, prompts, chunk=32):
 
 def main():
     from hf_knowedit import EditedModel, load_default_model
-    from hf_knowedit.config import EditConfig
+    from hf_knowedit.config import build_config
     from hf_knowedit.data import load_edit_dataset
     from hf_knowedit.methods.calinet.side_ffn import ffn_host_path
     from hf_knowedit.methods.tpatcher.editor import TPatcherEditor
@@ -69,7 +69,7 @@ def main():
     args = parser.parse_args()
     if args.n < 1 or args.every < 1:
         parser.error("--n and --every must be positive.")
-    config = EditConfig.from_dict(json.loads(open(args.config).read()))
+    config = build_config(None, args.config)
     if config.edit_type != "tpatcher":
         parser.error(f"{args.config} is a {config.edit_type} config, not T-Patcher's.")
     requests = load_edit_dataset(args.dataset, n=args.n)
@@ -91,8 +91,8 @@ def main():
     print("edits  prompts  fire_any  fire_last  patches_last(mean/max)  shift_last  top1_changed  other_case_share")
     start = time.perf_counter()
     for i, request in enumerate(requests):
-        bare = type(request)(prompt=request.prompt, subject=request.subject, target_new=request.target_new,
-                             target_true=request.target_true)
+        # as the harness does by default: the editor does not see the probes it is scored on
+        bare = replace(request, rephrase_prompts=[], locality=[], portability=[])
         edited.add_edits(config, [bare], edit_name="stream")
         done = i + 1
         if done % args.every and done != len(requests):

@@ -24,9 +24,9 @@ from hf_knowedit.evaluation import (
 from hf_knowedit.evaluation.cli import add_evaluate_parser, add_report_parser
 from hf_knowedit.evaluation.probes import ChatTemplateError, apply_chat_template, chat_prompt
 from hf_knowedit.evaluation.report import (
-    _device_tag,
     _distinct_names,
     _series_key,
+    efficiency_names,
     find_summaries,
     markdown_tables,
     plot_efficiency,
@@ -510,6 +510,6 @@ def test_efficiency_bars_name_runs_made_on_a_gpu(tmp_path):
     gpu["environment"] = {"device": "cuda:0"}
     gpu["efficiency"] = {"edit_seconds_per_case": {"mean": 0.1}, "cuda_max_allocated_bytes": 2e9}
     cpu["environment"] = {"device": "cpu"}
-    assert _device_tag(gpu) == " GPU" and _device_tag(cpu) == ""
-    assert [p.name for p in plot_efficiency([(tmp_path / "a", cpu), (tmp_path / "b", gpu)], tmp_path)] == [
-        "efficiency.png"]
+    runs = [(tmp_path / "a", cpu), (tmp_path / "b", gpu), (tmp_path / "c", {**gpu, "method_label": "MEMIT"})]
+    assert efficiency_names(runs) == ["ROME cf sin b1", "ROME cf sin b1 GPU", "MEMIT cf sin b1 GPU"]
+    assert [p.name for p in plot_efficiency(runs, tmp_path)] == ["efficiency.png"]

@@ -24,7 +24,7 @@ import re
 import sys
 from pathlib import Path
 
-from hf_knowedit.evaluation.report import _stat
+from hf_knowedit.evaluation.report import _stat, ran_on_gpu
 
 
 TRIPLE = ("reliability", "generalization", "locality_unchanged")
@@ -46,15 +46,12 @@ def batch_cells(summary) -> list[str]:
             peak_memory(summary)]
 
 
-def on_gpu(summary) -> bool:
-    return str(summary.get("environment", {}).get("device", "")).startswith("cuda")
-
-
-def peak_memory(summary) -> str:
-    """Peak memory in GB: the GPU's (torch.cuda.max_memory_allocated) for a run made on a GPU, else the RSS."""
+def peak_memory(summary, mark_gpu: bool = True) -> str:
+    """Peak memory in GB: the GPU's (torch.cuda.max_memory_allocated, marked "GPU" unless `mark_gpu` is false) for
+    a run made on a GPU, else the RSS."""
     efficiency = summary["efficiency"]
-    if on_gpu(summary):
-        return f"{efficiency['cuda_max_allocated_bytes'] / 1e9:.2f} GPU"
+    if ran_on_gpu(summary):
+        return f"{efficiency['cuda_max_allocated_bytes'] / 1e9:.2f}" + (" GPU" if mark_gpu else "")
     return "–" if efficiency["rss_peak_bytes"] is None else f"{efficiency['rss_peak_bytes'] / 1e9:.2f}"
 
 
@@ -66,7 +63,7 @@ def cpu_seconds_on_same_cases(run: str, summary) -> float | None:
         return None
     cpu = json.loads((cpu_run / "summary.json").read_text())
     keys = ("config", "dtype", "mode", "batch_size")
-    if on_gpu(cpu) or any(cpu["settings"].get(key) != summary["settings"].get(key) for key in keys):
+    if ran_on_gpu(cpu) or any(cpu["settings"].get(key) != summary["settings"].get(key) for key in keys):
         return None
 
     def seconds_by_case(directory):
@@ -80,7 +77,7 @@ def cpu_seconds_on_same_cases(run: str, summary) -> float | None:
 
 
 def gpu_cells(summary, run: str) -> list[str]:
-    if not on_gpu(summary):
+    if not ran_on_gpu(summary):
         raise ValueError(f"{run} was not run on a GPU (its summary's environment.device is "
                          f"{summary.get('environment', {}).get('device')!r})")
     pair = ("reliability", "locality_unchanged")
@@ -91,7 +88,7 @@ def gpu_cells(summary, run: str) -> list[str]:
     ratio = "–" if cpu_seconds is None else f"{cpu_seconds / gpu_seconds:.1f}x"
     return [mode, dtype, f"{summary['num_completed']:,}", *[pct(_stat(summary, m, "token_accuracy")) for m in pair],
             " / ".join(pct(_stat(summary, m, "prob_comparison")) for m in pair), seconds(summary),
-            "–" if cpu_seconds is None else f"{cpu_seconds:.2f}", ratio, peak_memory(summary).replace(" GPU", "")]
+            "–" if cpu_seconds is None else f"{cpu_seconds:.2f}", ratio, peak_memory(summary, mark_gpu=False)]
 
 
 def sequential_cells(summary) -> list[str]:

@@ -256,9 +256,17 @@ def plot_metrics_vs_edits(runs: list[tuple[Path, dict]], output_dir: Path, proto
     return files
 
 
-def _device_tag(summary: dict) -> str:
-    """' GPU' for a run made on a GPU (its timings are not comparable with a CPU run's), else ''."""
-    return " GPU" if str(summary.get("environment", {}).get("device", "")).startswith("cuda") else ""
+def ran_on_gpu(summary: dict) -> bool:
+    """Whether the run of `summary` was made on a GPU (its `environment.device`)."""
+    return str(summary.get("environment", {}).get("device", "")).startswith("cuda")
+
+
+def efficiency_names(runs: list[tuple[Path, dict]]) -> list[str]:
+    """The bar names of the efficiency plot: method, dataset, mode and batch size, "GPU" for a run made on a GPU (its
+    timings are not comparable with a CPU run's), and what tells apart runs that would still share a name."""
+    return _distinct_names(runs, lambda s: f"{s['method_label']} {s['dataset_name'][:12]} {s['mode'][:3]} "
+                                           f"b{s['batch_size']}{' GPU' if ran_on_gpu(s) else ''}",
+                           lambda d, s: str(d))
 
 
 def plot_efficiency(runs: list[tuple[Path, dict]], output_dir: Path):
@@ -269,8 +277,7 @@ def plot_efficiency(runs: list[tuple[Path, dict]], output_dir: Path):
     import matplotlib.pyplot as plt
 
     timed = [(d, s) for d, s in runs if s["efficiency"]["edit_seconds_per_case"]["mean"] is not None]
-    names = _distinct_names(timed, lambda s: f"{s['method_label']} {s['dataset_name'][:12]} {s['mode'][:3]} "
-                                             f"b{s['batch_size']}{_device_tag(s)}", lambda d, s: str(d))
+    names = efficiency_names(timed)
     rows = [(name, s["efficiency"]["edit_seconds_per_case"]["mean"],
              (s["efficiency"].get("cuda_max_allocated_bytes") or s["efficiency"].get("rss_peak_bytes") or 0) / 1e9)
             for name, (_, s) in zip(names, timed)]
