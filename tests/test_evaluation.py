@@ -19,11 +19,14 @@ from hf_knowedit.evaluation import (
     EvaluationSettings,
     EvaluationSettingsError,
     mean_ci,
+    refresh_intervals,
     run_evaluation,
 )
 from hf_knowedit.evaluation.cli import add_evaluate_parser, add_report_parser
+from hf_knowedit.evaluation.harness import NORMAL_CLIPPED
 from hf_knowedit.evaluation.probes import ChatTemplateError, apply_chat_template, chat_prompt
 from hf_knowedit.evaluation.report import (
+    _cell,
     _distinct_names,
     _series_key,
     efficiency_names,
@@ -231,6 +234,39 @@ def test_bad_inputs(dataset, tmp_path):
         "num_steps": 3, "layers": [1], "variant": "ft_l"}
     assert build_config("ft", overrides={"variant": "ft_l"}).norm_constraint == 5e-4
     assert mean_ci([1.0, 0.0])["ci95"] == pytest.approx([0.5 - 1.96 * 0.5, 0.5 + 1.96 * 0.5])
+
+
+def test_scores_get_intervals_inside_zero_one():
+    # Every case scored 1: Wilson's lower end is n / (n + z^2), not the mean itself.
+    assert mean_ci([1.0] * 20, bounded=True)["ci95"] == pytest.approx([20 / (20 + 1.96**2), 1.0])
+    assert mean_ci([0.0] * 20, bounded=True)["ci95"] == pytest.approx([0.0, 1 - 20 / (20 + 1.96**2)])
+    # p = 1/2 over 4 cases, by hand: half-width 1.96 / (1 + z^2/4) * sqrt(1/16 + z^2/64) = 0.34997.
+    entry = mean_ci([1.0, 0.0, 1.0, 0.0], bounded=True)
+    assert entry["ci95"] == pytest.approx([0.15003, 0.84997], abs=1e-5) and entry["interval"] == "wilson"
+    # Fractional scores: the normal approximation (s = 0.25, half-width 1.96 * 0.25 / 2), clipped to [0, 1].
+    entry = mean_ci([1.0, 1.0, 1.0, 0.5], bounded=True)
+    assert entry["ci95"] == pytest.approx([0.875 - 1.96 * 0.25 / 2, 1.0]) and entry["interval"] == NORMAL_CLIPPED
+    assert mean_ci([2.0, 4.0])["interval"] == "normal"
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        mean_ci([0.5, 1.5], bounded=True)
+
+
+def test_refreshing_an_old_summary_gives_the_intervals_of_a_new_one():
+    old = {"mean": 0.9, "ci95": [0.8, 1.1], "n": 5}  # a normal approximation, past 1
+    all_one = {"mean": 1.0, "ci95": [1.0, 1.0], "n": 20}
+    fluency = {"mean": 5.2, "ci95": [5.0, 5.4], "n": 5}
+    summary = {"metrics": {"post": {"reliability": {"token_accuracy": dict(all_one), "prob_comparison": dict(old)},
+                                    "fluency": {"ngram_entropy": dict(fluency)}}, "pre": {}},
+               "curve": [{"num_edits": 5, "metrics": {"reliability": {"token_accuracy": dict(all_one)}}}]}
+    refresh_intervals(summary)
+    post = summary["metrics"]["post"]
+    assert post["reliability"]["token_accuracy"] == mean_ci([1.0] * 20, bounded=True)
+    assert summary["curve"][0]["metrics"]["reliability"]["token_accuracy"] == mean_ci([1.0] * 20, bounded=True)
+    assert post["reliability"]["prob_comparison"]["ci95"] == [0.8, 1.0]
+    assert post["fluency"]["ngram_entropy"]["ci95"] == [5.0, 5.4]
+    assert refresh_intervals(json.loads(json.dumps(summary))) == summary  # entries that name their interval stay
+    # Tables show the distance to the farther end of a lopsided interval.
+    assert _cell(summary, "reliability", "token_accuracy") == "100.0 ± 16.1"
 
 
 def test_batch_scorer_matches_one_prompt_at_a_time():

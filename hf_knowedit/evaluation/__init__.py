@@ -6,8 +6,10 @@ from .harness import (
     load_summary,
     mean_ci,
     parse_schedule,
+    refresh_intervals,
     run_evaluation,
     summarize,
+    wilson_interval,
 )
 from .probes import METRICS, score_cases
 from .report import markdown_tables, write_report
@@ -21,8 +23,10 @@ __all__ = [
     "markdown_tables",
     "mean_ci",
     "parse_schedule",
+    "refresh_intervals",
     "run_evaluation",
     "score_cases",
     "summarize",
+    "wilson_interval",
     "write_report",
 ]

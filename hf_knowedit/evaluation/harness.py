@@ -92,7 +92,10 @@ RESULTS_NAME = "results.jsonl"
 CURVE_NAME = "curve.jsonl"
 SUMMARY_NAME = "summary.json"
 EDIT_NAME = "evaluation"
-CI_METHOD = "normal approximation: mean ± 1.96 * s / sqrt(n), s the sample standard deviation (ddof=1) over cases"
+NORMAL_CLIPPED = "normal, clipped to [0, 1]"
+CI_METHOD = ("over cases, 95%: scores that are all 0 or 1, Wilson's score interval (z = 1.96); other scores, the "
+             "normal approximation mean ± 1.96 * s / sqrt(n) (s the sample standard deviation, ddof=1) clipped to "
+             "[0, 1]; fluency and seconds, the normal approximation. Each entry names its interval.")
 RESTORE_TOLERANCE = 1e-4
 
 
@@ -733,21 +736,72 @@ def _metric_stats(records: list[dict], side: str, protocols) -> dict:
             skipped = sum(f"{metric}/{protocol}" in r[side]["skipped"] for r in records)
             if not values and not skipped:
                 continue
-            stats.setdefault(metric, {})[protocol] = {**mean_ci(values), "skipped": skipped, "protocol": protocol}
+            stats.setdefault(metric, {})[protocol] = {**mean_ci(values, bounded=metric != "fluency"),
+                                                      "skipped": skipped, "protocol": protocol}
     return stats
 
 
-def mean_ci(values: list[float]) -> dict:
-    """Mean, 95% confidence interval (normal approximation) and count; `None`s when there are no values."""
+def mean_ci(values: list[float], bounded: bool = False) -> dict:
+    """Mean, 95% confidence interval and count; `None`s when there are no values.
+
+    `bounded`: the values are scores in [0, 1]. When every one is 0 or 1 the interval is Wilson's score interval, which
+    stays inside [0, 1] and keeps a width when all cases scored the same; fractional scores (cases with several
+    probes) get the normal approximation clipped to [0, 1]. Other values (seconds, fluency) get the normal
+    approximation. The entry names its interval (`"interval"`).
+    """
     n = len(values)
+    if bounded and not all(0.0 <= v <= 1.0 for v in values):
+        raise ValueError(f"Scores must lie in [0, 1]; got values from {min(values)} to {max(values)}.")
+    binary = bounded and all(v in (0.0, 1.0) for v in values)
+    interval = "wilson" if binary else NORMAL_CLIPPED if bounded else "normal"
     if n == 0:
-        return {"mean": None, "ci95": None, "n": 0}
+        return {"mean": None, "ci95": None, "n": 0, "interval": interval}
     mean = sum(values) / n
+    if binary:
+        return {"mean": mean, "ci95": wilson_interval(mean, n), "n": n, "interval": interval}
     if n == 1:
-        return {"mean": mean, "ci95": [mean, mean], "n": 1}
+        return {"mean": mean, "ci95": [mean, mean], "n": 1, "interval": interval}
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     half = 1.96 * sd / math.sqrt(n)
-    return {"mean": mean, "ci95": [mean - half, mean + half], "n": n}
+    low, high = (max(0.0, mean - half), min(1.0, mean + half)) if bounded else (mean - half, mean + half)
+    return {"mean": mean, "ci95": [low, high], "n": n, "interval": interval}
+
+
+def wilson_interval(mean: float, n: int, z: float = 1.96) -> list[float]:
+    """Wilson's score interval for a proportion `mean` observed over `n` cases (95% with the default `z`)."""
+    centre = (mean + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n))
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def refresh_intervals(summary: dict) -> dict:
+    """`summary` (a `summary.json`) with the intervals of `mean_ci(..., bounded=True)` on its scores, curve included.
+
+    For summaries written before scores had them (entries without `"interval"`), from their means and counts alone: a
+    mean of exactly 0 or 1 means every case scored it, so it gets Wilson's interval; any other mean keeps its normal
+    interval, clipped to [0, 1]. Entries that name their interval and fluency (an entropy) are left as they are.
+    """
+    def refresh(stats: dict) -> None:
+        for metric, by_protocol in stats.items():
+            if metric == "fluency":
+                continue
+            for entry in by_protocol.values():
+                if "interval" in entry:
+                    continue
+                mean = entry.get("mean")
+                if mean in (0.0, 1.0):
+                    entry["ci95"], entry["interval"] = wilson_interval(mean, entry["n"]), "wilson"
+                else:
+                    entry["interval"] = NORMAL_CLIPPED
+                    if mean is not None:
+                        entry["ci95"] = [max(0.0, entry["ci95"][0]), min(1.0, entry["ci95"][1])]
+
+    summary["ci_method"] = CI_METHOD
+    for side in summary.get("metrics", {}).values():
+        refresh(side)
+    for point in summary.get("curve") or []:
+        refresh(point["metrics"])
+    return summary
 
 
 def summarize(records: list[dict], settings: EvaluationSettings, wall_seconds: float | None = None,
@@ -766,7 +820,7 @@ def summarize(records: list[dict], settings: EvaluationSettings, wall_seconds: f
             skip_reasons[key][reason] += 1
     edit_seconds = [r["edit_seconds"] for r in records if r.get("edit_seconds") is not None]
     memory = [r.get("memory", {}) for r in records]
-    return {
+    return refresh_intervals({  # the curve's points too, those written by an older version included
         "settings": asdict(settings),
         "method": settings.method,
         "method_label": settings.label,
@@ -798,7 +852,7 @@ def summarize(records: list[dict], settings: EvaluationSettings, wall_seconds: f
         "base_restored_checks": sum(1 for r in records if r.get("base_restored")),
         "curve": curve or [],
         "environment": environment or {},
-    }
+    })
 
 
 def load_summary(output_dir: str | os.PathLike) -> dict:
@@ -816,6 +870,8 @@ __all__ = [
     "load_summary",
     "mean_ci",
     "parse_schedule",
+    "refresh_intervals",
     "run_evaluation",
     "summarize",
+    "wilson_interval",
 ]

@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from .harness import SUMMARY_NAME
+from .harness import SUMMARY_NAME, refresh_intervals
 
 
 TABLE_METRICS = (("reliability", "Rel."), ("generalization", "Gen."), ("locality_unchanged", "Loc."),
@@ -24,7 +24,10 @@ ALL_METRICS = TABLE_METRICS + (("locality_ground_truth", "Loc. (GT)"), ("fluency
 
 
 def find_summaries(paths: list[str | os.PathLike]) -> list[tuple[Path, dict]]:
-    """`(run directory, summary)` for each path that is a run, or each run found below a path, sorted by path."""
+    """`(run directory, summary)` for each path that is a run, or each run found below a path, sorted by path.
+
+    Summaries written before scores had Wilson intervals get them here (from their means and counts alone).
+    """
     found = []
     for path in paths:
         path = Path(path)
@@ -39,7 +42,7 @@ def find_summaries(paths: list[str | os.PathLike]) -> list[tuple[Path, dict]]:
 
             raise EvaluationSettingsError(f"No {SUMMARY_NAME} in or below {str(path)!r}: not an evaluation run.")
         for candidate in candidates:
-            found.append((candidate.parent, json.loads(candidate.read_text(encoding="utf-8"))))
+            found.append((candidate.parent, refresh_intervals(json.loads(candidate.read_text(encoding="utf-8")))))
     unique = {str(directory): (directory, _latest_checkpoint(summary)) for directory, summary in found}
     return [unique[key] for key in sorted(unique)]
 
@@ -66,7 +69,8 @@ def _cell(summary: dict, metric: str, protocol: str, scale: float = 100.0, side:
     if metric == "fluency":
         scale = 1.0
     low, high = stats["ci95"]
-    return f"{stats['mean'] * scale:.1f} ± {(high - low) / 2 * scale:.1f}"
+    reach = max(stats["mean"] - low, high - stats["mean"])  # Wilson's interval is lopsided near 0 and 1
+    return f"{stats['mean'] * scale:.1f} ± {reach * scale:.1f}"
 
 
 def _x_edits(summary: dict) -> int:
@@ -87,7 +91,8 @@ def markdown_tables(runs: list[tuple[Path, dict]], protocol: str = "token_accura
         key = (summary["method_label"], summary["dataset_name"])
         if key not in best or _main_rank(summary) < _main_rank(best[key][1]):
             best[key] = (directory, summary)
-    lines = [f"Scores in % (mean ± half-width of the 95% confidence interval over cases), protocol `{protocol}`, "
+    lines = [f"Scores in % (mean ± its distance to the farther end of the 95% confidence interval over cases), "
+             f"protocol `{protocol}`, "
              "locality = prediction unchanged by the edit.", ""]
     header = "| Method | " + " | ".join(f"{d} {label}" for d in datasets for _, label in TABLE_METRICS) + " |"
     lines += [header, "|---|" + "---|" * (len(datasets) * len(TABLE_METRICS))]
