@@ -16,6 +16,10 @@ Per checkpoint it prints:
 - `other_case_share`: of the firings at the last position, the share by patches written for another case than the
   prompt's own (the patch of the prompt's case is allowed to fire on it only by mistake, too).
 
+With `--widest K` (default 3), each checkpoint also lists the K patches that fire (at the last position) on the most
+locality prompts: the edit they were written for, that share, and for their neuron with the lowest threshold its
+bias, key norm and threshold `-bias / |key|` (the score, in units of the key, that an input must pass to fire it).
+
     python benchmarks/diagnose_tpatcher_stream.py --config editing_configs/tpatcher/counterfact.json --n 300 --every 50
 """
 
@@ -66,9 +70,10 @@ def main():
     parser.add_argument("--dataset", default=str(COUNTERFACT))
     parser.add_argument("--n", type=int, default=300)
     parser.add_argument("--every", type=int, default=50)
+    parser.add_argument("--widest", type=int, default=3, help="patches to list per checkpoint, widest firing first")
     args = parser.parse_args()
-    if args.n < 1 or args.every < 1:
-        parser.error("--n and --every must be positive.")
+    if args.n < 1 or args.every < 1 or args.widest < 0:
+        parser.error("--n and --every must be positive and --widest not negative.")
     config = build_config(None, args.config)
     if config.edit_type != "tpatcher":
         parser.error(f"{args.config} is a {config.edit_type} config, not T-Patcher's.")
@@ -115,6 +120,22 @@ def main():
               f"{count.mean():12.2f} / {int(count.max()):<6d}  {shift:10.3f}  "
               f"{(top1 != base_top1[seen]).float().mean():12.3f}  "
               f"{other.sum() / max(int(firing.sum()), 1):16.3f}   ({time.perf_counter() - start:.0f} s)", flush=True)
+        print_widest(requests, patches, patch_case, firing, keys, biases, args.widest)
+
+
+def print_widest(requests, patches, patch_case, firing, keys, biases, k):
+    """The `k` patches firing on the most prompts: their edit, that share, and their lowest-threshold neuron."""
+    by_patch = torch.zeros(len(firing), len(patches)).index_add_(1, patch_case, firing.float()) > 0
+    share = by_patch.float().mean(0)
+    thresholds = -biases / keys.norm(dim=-1)
+    for p in share.argsort(descending=True)[:k].tolist():
+        if share[p] == 0:
+            break
+        neurons = (patch_case == p).nonzero().squeeze(1)
+        low = neurons[thresholds[neurons].argmin()]
+        print(f"         patch of edit {p + 1:4d} fires on {share[p]:.3f}: bias {biases[low]:.4f}, "
+              f"|key| {keys[low].norm():.2f}, threshold {thresholds[low]:.4f}; "
+              f"{requests[p].filled_prompt!r} -> {requests[p].target_new!r}", flush=True)
 
 
 if __name__ == "__main__":
