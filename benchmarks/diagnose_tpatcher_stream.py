@@ -95,10 +95,13 @@ def main():
           f"{len(prompts)} locality prompts")
     print("edits  prompts  fire_any  fire_last  patches_last(mean/max)  shift_last  top1_changed  other_case_share")
     start = time.perf_counter()
+    neuron_case = []  # the edit each neuron was written for: each edit's patch is appended to the stream's one
     for i, request in enumerate(requests):
         # as the harness does by default: the editor does not see the probes it is scored on
         bare = replace(request, rephrase_prompts=[], locality=[], portability=[])
         edited.add_edits(config, [bare], edit_name="stream")
+        total = sum(p.num_neurons for p in edited.get_edit("stream").components[path])
+        neuron_case += [i] * (total - len(neuron_case))
         done = i + 1
         if done % args.every and done != len(requests):
             continue
@@ -106,7 +109,7 @@ def main():
         keys = torch.cat([p.keys for p in patches])
         biases = torch.cat([p.biases for p in patches])
         values = torch.cat([p.values for p in patches])
-        patch_case = torch.repeat_interleave(torch.arange(len(patches)), torch.tensor([p.num_neurons for p in patches]))
+        patch_case = torch.tensor(neuron_case)
         seen = (owners < done).nonzero().squeeze(1)
         fire_any = torch.tensor([bool(((inputs[j].float() @ keys.T + biases) > 0).any()) for j in seen.tolist()])
         scores_last = last_inputs[seen] @ keys.T + biases
@@ -120,12 +123,12 @@ def main():
               f"{count.mean():12.2f} / {int(count.max()):<6d}  {shift:10.3f}  "
               f"{(top1 != base_top1[seen]).float().mean():12.3f}  "
               f"{other.sum() / max(int(firing.sum()), 1):16.3f}   ({time.perf_counter() - start:.0f} s)", flush=True)
-        print_widest(requests, patches, patch_case, firing, keys, biases, args.widest)
+        print_widest(requests[:done], patch_case, firing, keys, biases, args.widest)
 
 
-def print_widest(requests, patches, patch_case, firing, keys, biases, k):
+def print_widest(requests, patch_case, firing, keys, biases, k):
     """The `k` patches firing on the most prompts: their edit, that share, and their lowest-threshold neuron."""
-    by_patch = torch.zeros(len(firing), len(patches)).index_add_(1, patch_case, firing.float()) > 0
+    by_patch = torch.zeros(len(firing), len(requests)).index_add_(1, patch_case, firing.float()) > 0
     share = by_patch.float().mean(0)
     thresholds = -biases / keys.norm(dim=-1)
     for p in share.argsort(descending=True)[:k].tolist():
