@@ -26,7 +26,7 @@ ALL_METRICS = TABLE_METRICS + (("locality_ground_truth", "Loc. (GT)"), ("fluency
 def find_summaries(paths: list[str | os.PathLike]) -> list[tuple[Path, dict]]:
     """`(run directory, summary)` for each path that is a run, or each run found below a path, sorted by path.
 
-    Summaries written before scores had Wilson intervals get them here (from their means and counts alone).
+    Summaries written before scores named their intervals get the current ones here (`refresh_intervals`).
     """
     found = []
     for path in paths:
