@@ -12,7 +12,8 @@ import json
 import pytest
 import torch
 
-from hf_knowedit import ArtifactError, BaseModelMismatchError, EditConfigError, EditedModel, EditRequest
+from hf_knowedit import (ArtifactError, BaseModelMismatchError, EditConfigError, EditedModel, EditFailedError,
+                         EditRequest)
 from hf_knowedit.locate import ResumedTargetLogProbs
 from hf_knowedit.methods.calinet import CaliNETConfig
 from hf_knowedit.methods.calinet.side_ffn import SideFFN, ffn_host_path
@@ -21,7 +22,9 @@ from hf_knowedit.methods.grace import GRACEConfig
 from hf_knowedit.methods.ike import IKEConfig
 from hf_knowedit.methods.ike.editor import load_demonstration_pool
 from hf_knowedit.methods.tpatcher import TPatcherConfig
-from hf_knowedit.methods.tpatcher.editor import GENERIC_MEMORY_PROMPTS, TPatcherEditor, memory_file_prompts
+from hf_knowedit.methods.tpatcher import editor as tpatcher_editor
+from hf_knowedit.methods.tpatcher.editor import (GENERIC_MEMORY_PROMPTS, TPatcherEditor, max_margin_direction,
+                                                 memory_file_prompts)
 from hf_knowedit.tokenization import encode_prompt_target
 
 from .helpers import COUNTERFACT_TRAIN, TOKENIZER, model_inputs, target_log_prob
@@ -288,6 +291,57 @@ def test_tpatcher_value_scale_cap():
     for wrong in (0.5, float("inf"), "2", True):
         with pytest.raises(EditConfigError, match="max_value_scale"):
             TPatcherConfig(max_value_scale=wrong)
+
+
+def test_tpatcher_max_margin_key_separates_inputs_sharing_a_common_component():
+    """FFN inputs that share a large common direction: the edit input's own direction scores a memory input above the
+    edit input itself, the max-margin direction scores every memory input below it, with a gap near the best one."""
+    generator = torch.Generator().manual_seed(0)
+    common = torch.zeros(16)
+    common[0] = 10.0
+    edit_input = common + torch.randn(16, generator=generator)
+    memory = 1.2 * common + 0.8 * torch.randn(200, 16, generator=generator)
+    assert (memory @ edit_input).max() > edit_input @ edit_input  # the paper's key cannot separate them
+    direction = max_margin_direction(edit_input, memory)
+    assert direction.norm() == pytest.approx(1.0)
+    gap = direction @ edit_input - (memory @ direction).max()
+    assert gap > 0
+    # close to the best gap: a search ten times longer gains less than half as much again
+    assert ((edit_input - memory) @ max_margin_direction(edit_input, memory, steps=3000)).min() < 1.5 * gap
+
+
+def test_tpatcher_fixed_max_margin_key_and_the_refusal_of_a_patch_that_fires_on_its_memory(monkeypatch):
+    """`key_init="max_margin"` with `train_key=False`: the patch keeps the max-margin direction, and still writes the
+    target. A patch that fires on more than `max_memory_fire_rate` of its memory inputs is refused with the model
+    left as it was: with its own prompt as memory the edit input is in the memory set, and any firing patch fires on
+    it."""
+    found = []
+    monkeypatch.setattr(tpatcher_editor, "max_margin_direction",
+                        lambda *args: found.append(max_margin_direction(*args)) or found[-1])
+    config = TPatcherConfig(num_steps=30, lr=5e-2, key_init="max_margin", train_key=False)
+    model = EditedModel(base_model("llama"), TOKENIZER).add_edits(config, [REQUEST])
+    patch = model.get_edit().components[ffn_host_path(model.layout, config.resolve_layers(model.layout)[0])][0]
+    torch.testing.assert_close(patch.keys[0] / patch.keys[0].norm(), found[0])
+    first = TOKENIZER(" " + REQUEST.target_new)["input_ids"][0]
+    assert logits(model, [IN_SCOPE])[0, -1].argmax().item() == first
+    assert model.get_edit().stats["tpatcher_memory_fire_rate"] == 0.0
+
+    base = base_model("llama")
+    before, weights = logits(base, [IN_SCOPE, OUT_OF_SCOPE]), state(base)
+    model = EditedModel(base, TOKENIZER)
+    refused = TPatcherConfig(num_steps=30, lr=5e-2, memory_prompts=[IN_SCOPE], max_memory_fire_rate=0.0)
+    with pytest.raises(EditFailedError, match="fires on .* memory inputs.*max_memory_fire_rate=0.0"):
+        model.add_edits(refused, [REQUEST])
+    assert model.edit_names == []
+    torch.testing.assert_close(logits(model, [IN_SCOPE, OUT_OF_SCOPE]), before, rtol=0, atol=0)
+    assert all(torch.equal(value, weights[name]) for name, value in base.state_dict().items())
+    accepted = model.add_edits(TPatcherConfig(num_steps=30, lr=5e-2, memory_prompts=[IN_SCOPE],
+                                              max_memory_fire_rate=1.0), [REQUEST])
+    assert 0.0 < accepted.get_edit().stats["tpatcher_memory_fire_rate"] <= 1.0
+    for field, wrong in (("key_init", "random"), ("train_key", "no"), ("max_memory_fire_rate", 1.5),
+                         ("max_memory_fire_rate", -0.1), ("max_memory_fire_rate", True)):
+        with pytest.raises(EditConfigError, match=field):
+            TPatcherConfig(**{field: wrong})
 
 
 def test_tpatcher_reuses_its_memory_inputs_while_the_model_upstream_is_unchanged(monkeypatch):

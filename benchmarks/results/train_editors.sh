@@ -1,7 +1,10 @@
 #!/bin/bash
-# Train MEND then KE on the default model, 5 minutes each (1 thread), on CounterFact's train split (first 2000 records).
+# Train the learned editors (MEND, KE and SERAC unless METHODS names some) on the default model, 5 minutes each
+# (1 thread), on CounterFact's train split (first 2000 records).
+# Usage: [METHODS="mend ke serac"] [WAIT=pid] benchmarks/results/train_editors.sh
 source "$(dirname "$0")/common.sh"
-for method in mend ke; do
+while [ -n "$WAIT" ] && kill -0 $WAIT 2>/dev/null; do sleep 5; done
+for method in ${METHODS:-mend ke serac}; do
   echo "$(date) start training $method"
   .venv/bin/hf-knowedit train-editor --method $method \
     --dataset ../shared/data/counterfact_easyedit/counterfact-train.json --n 2000 \

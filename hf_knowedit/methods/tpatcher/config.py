@@ -53,6 +53,22 @@ class TPatcherConfig(EditConfig):
             factor would exceed `max_value_scale`, the threshold is raised only as far as this factor allows, and
             the patch may still fire weakly on the closest memory inputs: a large factor makes any unseen input just
             past the threshold get a large output. `None` silences the memory whatever the factor.
+        key_init (`str`, *optional*, defaults to `"edit_input"`):
+            The key a patch starts from. `"edit_input"` (the paper's): the edit input itself. In a model whose FFN
+            inputs share a large common component (SmolLM2's last block: any two positions score about 0.8 of the
+            edit input's own score), that key scores memory inputs of the same relation above the edit input, and
+            training may never separate them. `"max_margin"`: the direction that best separates the edit input from
+            every memory input (the largest smallest gap, found by a few hundred steps of gradient descent on a
+            smoothed maximum), so that the patch starts out silent on the whole memory set.
+        train_key (`bool`, *optional*, defaults to `True`):
+            Train the key along with the bias and the value (the paper's). With `False` the key keeps its initial
+            direction and only the bias (the threshold) and the value are trained: the edit loss, which pulls the key
+            towards the direction all FFN inputs share, then cannot undo the separation a `"max_margin"` key starts
+            with.
+        max_memory_fire_rate (`float`, *optional*, defaults to `0.5`):
+            Refuse an edit (`EditFailedError`, the model left unchanged) when one of its patches, once trained and
+            silenced, still fires on more than this share of its memory inputs: its edit input does not out-score
+            them, and the patch would fire on most unrelated prompts. `1.0` accepts every patch.
     """
 
     edit_type: ClassVar[str] = "tpatcher"
@@ -77,8 +93,23 @@ class TPatcherConfig(EditConfig):
         default=None, metadata={"help": "Largest factor a patch's value is scaled by when silenced; None: no cap."}
     )
 
+    key_init: str = field(default="edit_input", metadata={"help": "Initial key: edit_input or max_margin."})
+    train_key: bool = field(default=True, metadata={"help": "Train the key too (False: only bias and value)."})
+    max_memory_fire_rate: float = field(
+        default=0.5, metadata={"help": "Refuse a patch firing on more than this share of its memory inputs."}
+    )
+
+    KEY_INITS: ClassVar[tuple[str, ...]] = ("edit_input", "max_margin")
+
     def __post_init__(self):
         super().__post_init__()
+        if self.key_init not in self.KEY_INITS:
+            raise EditConfigError(f"TPatcherConfig.key_init must be one of {self.KEY_INITS}, got {self.key_init!r}.")
+        if not isinstance(self.train_key, bool):
+            raise EditConfigError(f"TPatcherConfig.train_key must be true or false, got {self.train_key!r}.")
+        rate = self.max_memory_fire_rate
+        if not (isinstance(rate, (int, float)) and not isinstance(rate, bool) and 0 <= rate <= 1):
+            raise EditConfigError(f"TPatcherConfig.max_memory_fire_rate must be a number in [0, 1], got {rate!r}.")
         if self.layers is not None and len(self.layers) != 1:
             raise EditConfigError(f"TPatcherConfig.layers must name one block, got {self.layers}.")
         for name in ("neurons_per_edit", "num_steps", "memory_records", "memory_top_k"):

@@ -52,6 +52,29 @@ def _memory_file_prompts(path: str, records: int, version) -> tuple[str, ...]:
 _FIXED_MEMORY_INPUTS = weakref.WeakKeyDictionary()
 
 
+def max_margin_direction(edit_input, memory, steps=300, sharpness=50.0, lr=1e-2):
+    """The unit direction `u` that (nearly) maximizes the smallest gap `u·(edit_input - m)` over the memory inputs `m`:
+    gradient descent on a smoothed maximum of `u·(m - edit_input) / |edit_input|` (a log-sum-exp at `sharpness`),
+    started from the ridge-regularized discriminant `(cov(memory) + λI)^-1 (edit_input - mean(memory))`."""
+    with torch.no_grad():
+        centered = memory - memory.mean(0)
+        covariance = centered.T @ centered / max(len(memory) - 1, 1)
+        ridge = 0.1 * covariance.diagonal().mean().clamp(min=1e-12)
+        eye = torch.eye(len(edit_input), device=edit_input.device, dtype=edit_input.dtype)
+        start = torch.linalg.solve(covariance + ridge * eye, edit_input - memory.mean(0))
+        differences = (memory - edit_input) / edit_input.norm()
+    direction = torch.nn.Parameter(start / start.norm().clamp(min=1e-12))
+    optimizer = torch.optim.Adam([direction], lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            unit = direction / direction.norm()
+            loss = torch.logsumexp(differences @ unit * sharpness, 0) / sharpness
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return (direction / direction.norm()).detach()
+
+
 class TPatcherEditor(BaseEditor):
     """Trains `neurons_per_edit` patches per request beside the last FFN; the base weights are never touched.
 
@@ -97,7 +120,16 @@ class TPatcherEditor(BaseEditor):
             patch, scale = self.train_patch(edited_model, path, layer, batch, position, edit_input, memory)
             value_scales.append(scale)
             with torch.no_grad():
-                fire_rates.append(float((patch.scores(memory) > 0).float().mean()))
+                fire_rate = float((patch.scores(memory) > 0).float().mean()) if len(memory) else 0.0
+            if fire_rate > config.max_memory_fire_rate:
+                raise EditFailedError(
+                    f"T-Patcher: the patch of request {index} ({request.filled_prompt!r} -> {request.target_new!r}) "
+                    f"fires on {fire_rate:.1%} of its {len(memory)} memory inputs after training (more than "
+                    f"TPatcherConfig.max_memory_fire_rate={config.max_memory_fire_rate}): its edit input does not "
+                    "score above them, so it would fire on most unrelated prompts. The model is unchanged. Set "
+                    "key_init='max_margin' (a key that separates the edit input from the memory), change the memory "
+                    "set, or raise max_memory_fire_rate to accept such patches.")
+            fire_rates.append(fire_rate)
             patches.append(patch)
         combined = patches[0]
         for patch in patches[1:]:
@@ -144,11 +176,17 @@ class TPatcherEditor(BaseEditor):
         config = self.config
         n = config.neurons_per_edit
         key = edit_input / edit_input.norm().pow(2)  # score 1 on the edit input
+        if config.key_init == "max_margin" and len(memory):
+            direction = max_margin_direction(edit_input, memory)
+            if direction @ edit_input > 0:
+                key = direction / (direction @ edit_input)
         threshold = float((memory @ key).max().clamp(max=1.0)) if len(memory) else 0.0
         bias = -(1.0 + threshold) / 2  # halfway between the edit input and the closest out-of-scope input
         patch = SideFFN(key.repeat(n, 1), torch.full((n,), bias), torch.zeros(n, key.shape[0]), "relu",
                         trainable=True).to(edit_input.device)
-        optimizer = torch.optim.Adam(patch.parameters(), lr=config.lr)
+        if not config.train_key:
+            patch.keys.requires_grad_(False)
+        optimizer = torch.optim.Adam([q for q in patch.parameters() if q.requires_grad], lr=config.lr)
         with edited_model.temporary_components({path: patch}), torch.enable_grad():
             target_log_probs = ResumedTargetLogProbs(edited_model, batch, layer)
             for _ in range(config.num_steps):
