@@ -192,6 +192,38 @@ def test_resume_sequential_every_k_scores_the_same_checkpoints(dataset, tmp_path
     assert resumed["curve"][1:] == complete["curve"][1:]
 
 
+@pytest.mark.parametrize("key", [("single", 1, "final"), ("batch", 2, "final"), ("sequential", 1, "every:2"),
+                                 ("sequential", 2, "immediate"), ("sequential", 1, "final")])
+def test_a_refused_edit_is_scored_unedited_and_the_run_goes_on(dataset, tmp_path, monkeypatch, key):
+    """A method that refuses an edit (`EditFailedError`, the model left as it was) does not stop the run: the case
+    is scored without its edit, its record keeps the refusal's message, the summary and the curve count it."""
+    from hf_knowedit.errors import EditFailedError
+    from hf_knowedit.methods.ft.editor import FTEditor
+
+    compute = FTEditor.compute_components
+
+    def refusing(self, edited_model, requests):
+        if any(r.subject == "Miles Davis" for r in requests):
+            raise EditFailedError("no edit for Miles Davis")
+        return compute(self, edited_model, requests)
+
+    monkeypatch.setattr(FTEditor, "compute_components", refusing)
+    mode, batch_size, schedule = key
+    summary = _run(_settings(dataset, mode, batch_size, schedule), tmp_path / "run")
+    records = {r["index"]: r for r in _records(tmp_path / "run")}
+    refused = {0, 1} if batch_size == 2 else {1}  # case 1 shares its chunk with case 0 in batches of 2
+    assert summary["complete"] and summary["edits_refused"] == len(refused)
+    assert {i for i, r in records.items() if r["edit_refused"]} == refused
+    assert all(records[i]["edit_refused"] == "no edit for Miles Davis" for i in refused)
+    if mode != "sequential":  # scored on the untouched model: the post-edit scores are the pre-edit ones
+        for i in refused:
+            assert records[i]["post"]["scores"]["reliability"] == records[i]["pre"]["scores"]["reliability"]
+        assert summary["base_restored_checks"] == 5
+    if schedule == "every:2":
+        assert [p["edits_refused"] for p in summary["curve"]] == [1, 1, 1]
+    assert f"| 5/5 ({len(refused)} refused) |" in markdown_tables(find_summaries([tmp_path / "run"]))
+
+
 def test_refuses_to_mix_settings_unless_overwrite(dataset, tmp_path):
     output = tmp_path / "run"
     _run(_settings(dataset, n=2), output)

@@ -12,8 +12,14 @@ import json
 import pytest
 import torch
 
-from hf_knowedit import (ArtifactError, BaseModelMismatchError, EditConfigError, EditedModel, EditFailedError,
-                         EditRequest)
+from hf_knowedit import (
+    ArtifactError,
+    BaseModelMismatchError,
+    EditConfigError,
+    EditedModel,
+    EditFailedError,
+    EditRequest,
+)
 from hf_knowedit.locate import ResumedTargetLogProbs
 from hf_knowedit.methods.calinet import CaliNETConfig
 from hf_knowedit.methods.calinet.side_ffn import SideFFN, ffn_host_path
@@ -23,8 +29,12 @@ from hf_knowedit.methods.ike import IKEConfig
 from hf_knowedit.methods.ike.editor import load_demonstration_pool
 from hf_knowedit.methods.tpatcher import TPatcherConfig
 from hf_knowedit.methods.tpatcher import editor as tpatcher_editor
-from hf_knowedit.methods.tpatcher.editor import (GENERIC_MEMORY_PROMPTS, TPatcherEditor, max_margin_direction,
-                                                 memory_file_prompts)
+from hf_knowedit.methods.tpatcher.editor import (
+    GENERIC_MEMORY_PROMPTS,
+    TPatcherEditor,
+    max_margin_direction,
+    memory_file_prompts,
+)
 from hf_knowedit.tokenization import encode_prompt_target
 
 from .helpers import COUNTERFACT_TRAIN, TOKENIZER, model_inputs, target_log_prob

@@ -8,9 +8,12 @@ A run writes into its output directory:
 - `pre.jsonl`: one line per case, the untouched model's scores (and the raw locality outputs that "unchanged" compares
   with).
 - `results.jsonl`: one line per case: pre and post scores, skipped metrics with reasons, the fluency generations (when
-  fluency is scored), seconds, peak memory.
-- `curve.jsonl` (sequential runs with `every:K`): the mean scores of all cases edited so far, every K edits.
-- `summary.json`: means with 95% confidence intervals, skip counts, efficiency, versions.
+  fluency is scored), seconds, peak memory, and `edit_refused`: `None`, or the message of the `EditFailedError` with
+  which the method refused the case's edit (the model is then left as it was, the run goes on, and the case is scored
+  without its edit).
+- `curve.jsonl` (sequential runs with `every:K`): the mean scores of all cases edited so far, every K edits, and how
+  many of those edits were refused.
+- `summary.json`: means with 95% confidence intervals, skip counts, refused edits, efficiency, versions.
 
 Modes:
 
@@ -74,7 +77,7 @@ from ..data import load_edit_dataset
 from ..devices import input_device
 from ..distributed import rank_and_world_size
 from ..edited_model import EditedModel
-from ..errors import KnowEditError
+from ..errors import EditFailedError, KnowEditError
 from ..metrics import FLUENCY_PROTOCOL, PROTOCOLS
 from ..scoring import BatchScorer
 from ..statistics import _sha256_json
@@ -590,6 +593,17 @@ def run_evaluation(
             return requests
         return [replace(r, rephrase_prompts=[], locality=[], portability=[]) for r in requests]
 
+    def apply_edits(chunk) -> str | None:
+        """Add the chunk's edits to the model; a method that refuses them (`EditFailedError`, the model left as it
+        was) does not stop the run: the refusal's message is returned, and the chunk's cases are scored without
+        their edits (so a refused edit counts as a failed one)."""
+        try:
+            edited.add_edits(config, edit_requests(chunk), edit_name=EDIT_NAME)
+        except EditFailedError as error:
+            logger.warning("The edits of cases %s were refused: %s", [by_index[i].case_id for i in chunk], error)
+            return str(error)
+        return None
+
     def edit_and_score(item):
         """One chunk of `single` or `batch` mode: edit the untouched model, score, remove the edit, check."""
         chunk_no, chunk = item
@@ -597,13 +611,15 @@ def run_evaluation(
             torch.cuda.reset_peak_memory_stats()
         _seed(settings.seed + chunk_no)
         start = time.perf_counter()
-        edited.add_edits(config, edit_requests(chunk), edit_name=EDIT_NAME)
+        refused = apply_edits(chunk)
         edit_seconds = (time.perf_counter() - start) / len(chunk)
         records = score_and_record(chunk, chunk_no, edit_seconds, len(chunk))
-        edited.delete_edit(EDIT_NAME)
+        if refused is None:
+            edited.delete_edit(EDIT_NAME)
         restored = _check_restored(scorer, by_index[chunk[0]], pre_records[chunk[0]])
         for record in records:
             record["base_restored"] = restored
+            record["edit_refused"] = refused
         return records
 
     if settings.mode in ("single", "batch"):
@@ -626,6 +642,7 @@ def run_evaluation(
         if resume_edits:
             logger.info("Resuming: recomputing the first %d edits without scoring them again", resume_edits)
         edit_times: dict[int, float] = {}
+        refusals: dict[int, str | None] = {}
         applied = 0
         # the first checkpoint after the recomputed edits (not the first of the stream: that one is recorded already)
         next_checkpoint = (resume_edits // every + 1) * every if kind == "every" else None
@@ -634,7 +651,7 @@ def run_evaluation(
                 torch.cuda.reset_peak_memory_stats()
             _seed(settings.seed + chunk_no)
             start = time.perf_counter()
-            edited.add_edits(config, edit_requests(chunk), edit_name=EDIT_NAME)
+            refusals.update(dict.fromkeys(chunk, apply_edits(chunk)))
             edit_seconds = (time.perf_counter() - start) / len(chunk)
             applied += len(chunk)
             edit_times.update(dict.fromkeys(chunk, edit_seconds))
@@ -642,12 +659,16 @@ def run_evaluation(
                 continue
             if kind == "immediate":
                 records = score_shared(chunk, chunk_no, edit_seconds, applied)
+                for record in records:
+                    record["edit_refused"] = refusals[record["index"]]
                 if processes.is_main:
                     commit(records)
             elif kind == "every" and (applied >= next_checkpoint or applied == len(indices)):
                 while next_checkpoint <= applied:
                     next_checkpoint += every
                 point = score_shared(indices[:applied], chunk_no, None, applied)
+                for record in point:
+                    record["edit_refused"] = refusals[record["index"]]
                 if processes.is_main:
                     append_jsonl(curve_path, [_curve_point(applied, point, protocols)])
                     bar.update(applied - bar.n)
@@ -662,11 +683,13 @@ def run_evaluation(
             records = score_shared(indices, len(chunks) - 1, None, applied)
             for record in records:
                 record["edit_seconds"] = edit_times[record["index"]]
+                record["edit_refused"] = refusals[record["index"]]
             if processes.is_main:
                 append_jsonl(results_path, records)
             done.update({r["index"]: r for r in records})
             bar.update(len(indices) - bar.n)
-        edited.delete_edit(EDIT_NAME)
+        if EDIT_NAME in edited.edit_names:  # absent when every edit was refused
+            edited.delete_edit(EDIT_NAME)
     bar.close()
 
     return processes.on_main(write_summary)
@@ -724,7 +747,7 @@ class _RunningMeans:
 
 def _curve_point(num_edits: int, records: list[dict], protocols) -> dict:
     means = _metric_stats(records, "post", protocols)
-    return {"num_edits": num_edits, "metrics": means}
+    return {"num_edits": num_edits, "metrics": means, "edits_refused": sum(1 for r in records if r.get("edit_refused"))}
 
 
 def _metric_stats(records: list[dict], side: str, protocols) -> dict:
@@ -850,6 +873,7 @@ def summarize(records: list[dict], settings: EvaluationSettings, wall_seconds: f
             if torch.cuda.is_available() else None,
         },
         "base_restored_checks": sum(1 for r in records if r.get("base_restored")),
+        "edits_refused": sum(1 for r in records if r.get("edit_refused")),
         "curve": curve or [],
         "environment": environment or {},
     })

@@ -128,7 +128,8 @@ def markdown_tables(runs: list[tuple[Path, dict]], protocol: str = "token_accura
         lines.append(
             f"| {summary['method_label']} | {summary['dataset_name']} | {summary['mode']}"
             f"{' †' if _editor_saw_probes(summary) else ''} | {summary['batch_size']} | {summary['eval_schedule']} | "
-            f"{summary['num_completed']}/{summary['num_cases']} | "
+            f"{summary['num_completed']}/{summary['num_cases']}"
+            f"{f' ({refused} refused)' if (refused := summary.get('edits_refused')) else ''} | "
             + " | ".join(_cell(summary, metric, protocol) for metric, _ in ALL_METRICS)
             + f" | {f'{seconds:.2f}' if seconds is not None else '–'} | {f'{rss / 1e9:.2f}' if rss else '–'} | "
             f"`{_rel(directory, relative_to)}` |"
