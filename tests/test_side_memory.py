@@ -321,17 +321,18 @@ def test_tpatcher_max_margin_key_separates_inputs_sharing_a_common_component():
 
 
 def test_tpatcher_fixed_max_margin_key_and_the_refusal_of_a_patch_that_fires_on_its_memory(monkeypatch):
-    """`key_init="max_margin"` with `train_key=False`: the patch keeps the max-margin direction, and still writes the
-    target. A patch that fires on more than `max_memory_fire_rate` of its memory inputs is refused with the model
-    left as it was: with its own prompt as memory the edit input is in the memory set, and any firing patch fires on
-    it."""
+    """`key_init="max_margin"` with `train_key=False`: the patch keeps the max-margin direction, at the score
+    `key_scale` on the edit input, and still writes the target. A patch that fires on more than
+    `max_memory_fire_rate` of its memory inputs is refused with the model left as it was: with its own prompt as
+    memory the edit input is in the memory set, and any firing patch fires on it."""
     found = []
     monkeypatch.setattr(tpatcher_editor, "max_margin_direction",
-                        lambda *args: found.append(max_margin_direction(*args)) or found[-1])
-    config = TPatcherConfig(num_steps=30, lr=5e-2, key_init="max_margin", train_key=False)
+                        lambda *args: found.append((max_margin_direction(*args), args[0])) or found[-1][0])
+    config = TPatcherConfig(num_steps=30, lr=5e-2, key_init="max_margin", train_key=False, key_scale=40.0)
     model = EditedModel(base_model("llama"), TOKENIZER).add_edits(config, [REQUEST])
     patch = model.get_edit().components[ffn_host_path(model.layout, config.resolve_layers(model.layout)[0])][0]
-    torch.testing.assert_close(patch.keys[0] / patch.keys[0].norm(), found[0])
+    torch.testing.assert_close(patch.keys[0] / patch.keys[0].norm(), found[0][0])
+    assert float(patch.keys[0] @ found[0][1]) == pytest.approx(40.0, rel=1e-4)  # the edit input's score: untrained
     first = TOKENIZER(" " + REQUEST.target_new)["input_ids"][0]
     assert logits(model, [IN_SCOPE])[0, -1].argmax().item() == first
     assert model.get_edit().stats["tpatcher_memory_fire_rate"] == 0.0
@@ -348,7 +349,8 @@ def test_tpatcher_fixed_max_margin_key_and_the_refusal_of_a_patch_that_fires_on_
     accepted = model.add_edits(TPatcherConfig(num_steps=30, lr=5e-2, memory_prompts=[IN_SCOPE],
                                               max_memory_fire_rate=1.0), [REQUEST])
     assert 0.0 < accepted.get_edit().stats["tpatcher_memory_fire_rate"] <= 1.0
-    for field, wrong in (("key_init", "random"), ("train_key", "no"), ("max_memory_fire_rate", 1.5),
+    for field, wrong in (("key_init", "random"), ("train_key", "no"), ("key_scale", 0), ("key_scale", float("nan")),
+                         ("max_memory_fire_rate", 1.5),
                          ("max_memory_fire_rate", -0.1), ("max_memory_fire_rate", True)):
         with pytest.raises(EditConfigError, match=field):
             TPatcherConfig(**{field: wrong})

@@ -61,10 +61,15 @@ class TPatcherConfig(EditConfig):
             every memory input (the largest smallest gap, found by a few hundred steps of gradient descent on a
             smoothed maximum), so that the patch starts out silent on the whole memory set.
         train_key (`bool`, *optional*, defaults to `True`):
-            Train the key along with the bias and the value (the paper's). With `False` the key keeps its initial
-            direction and only the bias (the threshold) and the value are trained: the edit loss, which pulls the key
+            Train the key along with the bias and the value (the paper's). With `False` the key stays as it starts
+            and only the bias (the threshold) and the value are trained: the edit loss, which pulls a trained key
             towards the direction all FFN inputs share, then cannot undo the separation a `"max_margin"` key starts
-            with.
+            with. Pair it with a `key_scale` of tens: a fixed key cannot grow, and with the initial key's scale the
+            patch's output stays too small for 60 steps of its value to write the target.
+        key_scale (`float`, *optional*, defaults to `1.0`):
+            The score the initial key gives the edit input (its bias scaled alike, so the threshold is unchanged).
+            The hinges are measured in units of the key and do not depend on it; the edit loss does, as the patch's
+            output is its activation times its value.
         max_memory_fire_rate (`float`, *optional*, defaults to `0.5`):
             Refuse an edit (`EditFailedError`, the model left unchanged) when one of its patches, once trained and
             silenced, still fires on more than this share of its memory inputs: its edit input does not out-score
@@ -95,6 +100,7 @@ class TPatcherConfig(EditConfig):
 
     key_init: str = field(default="edit_input", metadata={"help": "Initial key: edit_input or max_margin."})
     train_key: bool = field(default=True, metadata={"help": "Train the key too (False: only bias and value)."})
+    key_scale: float = field(default=1.0, metadata={"help": "The edit input's score under the initial key."})
     max_memory_fire_rate: float = field(
         default=0.5, metadata={"help": "Refuse a patch firing on more than this share of its memory inputs."}
     )
@@ -105,6 +111,9 @@ class TPatcherConfig(EditConfig):
         super().__post_init__()
         if self.key_init not in self.KEY_INITS:
             raise EditConfigError(f"TPatcherConfig.key_init must be one of {self.KEY_INITS}, got {self.key_init!r}.")
+        if not (isinstance(self.key_scale, (int, float)) and not isinstance(self.key_scale, bool)
+                and math.isfinite(self.key_scale) and self.key_scale > 0):
+            raise EditConfigError(f"TPatcherConfig.key_scale must be a finite number > 0, got {self.key_scale!r}.")
         if not isinstance(self.train_key, bool):
             raise EditConfigError(f"TPatcherConfig.train_key must be true or false, got {self.train_key!r}.")
         rate = self.max_memory_fire_rate

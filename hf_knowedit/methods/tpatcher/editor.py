@@ -175,13 +175,14 @@ class TPatcherEditor(BaseEditor):
         silenced on the memory, with the factor its value was scaled by (see `silence_on_memory`)."""
         config = self.config
         n = config.neurons_per_edit
-        key = edit_input / edit_input.norm().pow(2)  # score 1 on the edit input
+        key = edit_input / edit_input.norm().pow(2)  # score 1 on the edit input (then key_scale)
         if config.key_init == "max_margin" and len(memory):
             direction = max_margin_direction(edit_input, memory)
             if direction @ edit_input > 0:
                 key = direction / (direction @ edit_input)
         threshold = float((memory @ key).max().clamp(max=1.0)) if len(memory) else 0.0
         bias = -(1.0 + threshold) / 2  # halfway between the edit input and the closest out-of-scope input
+        key, bias = key * config.key_scale, bias * config.key_scale  # the edit input scores key_scale
         patch = SideFFN(key.repeat(n, 1), torch.full((n,), bias), torch.zeros(n, key.shape[0]), "relu",
                         trainable=True).to(edit_input.device)
         if not config.train_key:
