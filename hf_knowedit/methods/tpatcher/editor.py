@@ -127,8 +127,9 @@ class TPatcherEditor(BaseEditor):
                     f"fires on {fire_rate:.1%} of its {len(memory)} memory inputs after training (more than "
                     f"TPatcherConfig.max_memory_fire_rate={config.max_memory_fire_rate}): its edit input does not "
                     "score above them, so it would fire on most unrelated prompts. The model is unchanged. Set "
-                    "key_init='max_margin' (a key that separates the edit input from the memory), change the memory "
-                    "set, or raise max_memory_fire_rate to accept such patches.")
+                    "key_init='max_margin', train_key=False and key_scale=40 (a fixed key that separates the edit "
+                    "input from the memory), change the memory set, or raise max_memory_fire_rate to accept such "
+                    "patches.")
             fire_rates.append(fire_rate)
             patches.append(patch)
         combined = patches[0]
