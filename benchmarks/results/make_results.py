@@ -6,6 +6,8 @@ benchmarks/results/run_single_edits.sh.
 - Between <!-- rows KIND --> and <!-- /rows -->: each table row that ends with a run in backticks is recomputed from
   that run (summary_rows.py, KIND batch, sequential, fluency or gpu), keeping its first cell, the method's name. To
   add a row, write `| NAME | `runs/...` |` in the table and run this script.
+- Stops, naming them, when runs that docs/results.md names are missing here (runs/ is not in git), unless
+  --allow-missing.
 - docs/report_gpu: the plots of `hf-knowedit report` over the GPU runs under runs/gpu (benchmarks/results/run_gpu.sh),
   kept apart from the CPU runs' plots so that no plot sets GPU seconds beside CPU seconds.
 """
@@ -28,6 +30,14 @@ def rows_block(match: re.Match) -> str:
     return match.group(0).replace(match.group(2), "\n".join(lines))
 
 
+# runs/ is not in git: on a checkout that lacks some of the runs this page names, rebuilding would silently drop
+# their rows and table entries, so stop and say which are missing
+named = sorted(set(re.findall(r"`(runs/[^`]+?)/?`", Path("docs/results.md").read_text())))
+missing = [run for run in named if Path(run).parent.name in ("counterfact", "zsre", "fluency")
+           and not (Path(run) / "summary.json").is_file() and "*" not in run]
+if missing and "--allow-missing" not in sys.argv:
+    sys.exit(f"{len(missing)} runs named in docs/results.md are not here (first: {', '.join(missing[:5])}); "
+             "rebuilding would drop them. Fetch them into runs/, or pass --allow-missing.")
 runs = sorted(str(p.parent) for tag in ("counterfact", "zsre") for p in Path("runs", tag).glob("*/summary.json"))
 tables = {}
 for protocol in ("token_accuracy", "prob_comparison"):
