@@ -10,10 +10,12 @@ from ...editor import BaseEditor
 from ...errors import EditFailedError
 from ...locate.resume import ResumedTargetLogProbs
 from ...tokenization import encode_prompt_target
-from ...utils import tqdm
+from ...utils import get_logger, tqdm
 from ..calinet.side_ffn import SideFFN, ffn_host_path, key_positions, record_module_io
 from .config import TPatcherConfig
 
+
+logger = get_logger(__name__)
 
 GENERIC_MEMORY_PROMPTS = [
     "The weather today is",
@@ -181,6 +183,9 @@ class TPatcherEditor(BaseEditor):
             direction = max_margin_direction(edit_input, memory)
             if direction @ edit_input > 0:
                 key = direction / (direction @ edit_input)
+            else:  # scaling it to score 1 on the edit input would flip it
+                logger.warning("T-Patcher: the max-margin direction scores the edit input at or below 0; this patch "
+                               "starts from the edit input itself (key_init='edit_input').")
         threshold = float((memory @ key).max().clamp(max=1.0)) if len(memory) else 0.0
         bias = -(1.0 + threshold) / 2  # halfway between the edit input and the closest out-of-scope input
         key, bias = key * config.key_scale, bias * config.key_scale  # the edit input scores key_scale
