@@ -566,6 +566,8 @@ def run_evaluation(
             })
         return records
 
+    refusals: dict[int, str | None] = {}  # sequential mode: case index -> why its edit was refused (None: applied)
+
     def score_shared(case_ids, chunk_no, edit_seconds, num_edits):
         """Score cases of a model every process holds, in chunks of `scorer_batch_size` dealt to the processes."""
         records = []
@@ -574,6 +576,7 @@ def run_evaluation(
             records.extend(record for unit_records in results for record in unit_records)
         for record in records:
             record["chunk_indices"] = case_ids
+            record["edit_refused"] = refusals[record["index"]]
         return records
 
     def commit(records):
@@ -642,7 +645,6 @@ def run_evaluation(
         if resume_edits:
             logger.info("Resuming: recomputing the first %d edits without scoring them again", resume_edits)
         edit_times: dict[int, float] = {}
-        refusals: dict[int, str | None] = {}
         applied = 0
         # the first checkpoint after the recomputed edits (not the first of the stream: that one is recorded already)
         next_checkpoint = (resume_edits // every + 1) * every if kind == "every" else None
@@ -659,16 +661,12 @@ def run_evaluation(
                 continue
             if kind == "immediate":
                 records = score_shared(chunk, chunk_no, edit_seconds, applied)
-                for record in records:
-                    record["edit_refused"] = refusals[record["index"]]
                 if processes.is_main:
                     commit(records)
             elif kind == "every" and (applied >= next_checkpoint or applied == len(indices)):
                 while next_checkpoint <= applied:
                     next_checkpoint += every
                 point = score_shared(indices[:applied], chunk_no, None, applied)
-                for record in point:
-                    record["edit_refused"] = refusals[record["index"]]
                 if processes.is_main:
                     append_jsonl(curve_path, [_curve_point(applied, point, protocols)])
                     bar.update(applied - bar.n)
@@ -683,7 +681,6 @@ def run_evaluation(
             records = score_shared(indices, len(chunks) - 1, None, applied)
             for record in records:
                 record["edit_seconds"] = edit_times[record["index"]]
-                record["edit_refused"] = refusals[record["index"]]
             if processes.is_main:
                 append_jsonl(results_path, records)
             done.update({r["index"]: r for r in records})

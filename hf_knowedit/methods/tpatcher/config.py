@@ -55,7 +55,7 @@ class TPatcherConfig(EditConfig):
             past the threshold get a large output. `None` silences the memory whatever the factor.
         key_init (`str`, *optional*, defaults to `"edit_input"`):
             The key a patch starts from. `"edit_input"` (the paper's): the edit input itself. In a model whose FFN
-            inputs share a large common component (SmolLM2's last block: any two positions score about 0.8 of the
+            inputs share a large common component (SmolLM2's last block: a memory input scores a median 0.8 of the
             edit input's own score), that key scores memory inputs of the same relation above the edit input, and
             training may never separate them. `"max_margin"`: the direction that best separates the edit input from
             every memory input (the largest smallest gap, found by a few hundred steps of gradient descent on a
