@@ -23,7 +23,7 @@ from hf_knowedit.evaluation import (
     run_evaluation,
 )
 from hf_knowedit.evaluation.cli import add_evaluate_parser, add_report_parser
-from hf_knowedit.evaluation.harness import NORMAL_CLIPPED
+from hf_knowedit.evaluation.harness import NORMAL_CLIPPED, default_label
 from hf_knowedit.evaluation.probes import ChatTemplateError, apply_chat_template, chat_prompt
 from hf_knowedit.evaluation.report import (
     _cell,
@@ -299,6 +299,18 @@ def test_refreshing_an_old_summary_gives_the_intervals_of_a_new_one():
     assert refresh_intervals(json.loads(json.dumps(summary))) == summary  # entries that name their interval stay
     # Tables show the distance to the farther end of a lopsided interval.
     assert _cell(summary, "reliability", "token_accuracy") == "100.0 ± 16.1"
+
+
+def test_methods_are_labelled_as_their_papers_spell_them(tmp_path):
+    assert default_label("tpatcher", {}) == "T-Patcher" and default_label("alphaedit", {}) == "AlphaEdit"
+    assert default_label("rome", {}) == "ROME" and default_label("ft", {"variant": "ft_l"}) == "FT-L"
+    # A run labelled by the earlier default (the name in capitals) is shown with today's; a chosen label is kept.
+    old = {"method": "tpatcher", "method_label": "TPATCHER", "mode": "single", "metrics": {"post": {}, "pre": {}}}
+    chosen = {**old, "method_label": "TPATCHER, memory set"}
+    for name, summary in (("old", old), ("chosen", chosen)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(summary))
+    assert [s["method_label"] for _, s in find_summaries([tmp_path])] == ["TPATCHER, memory set", "T-Patcher"]
 
 
 def test_batch_scorer_matches_one_prompt_at_a_time():

@@ -24,6 +24,7 @@ import re
 import sys
 from pathlib import Path
 
+from hf_knowedit.evaluation.harness import report_label
 from hf_knowedit.evaluation.report import _stat, ran_on_gpu
 
 
@@ -154,7 +155,7 @@ def main():
             print("\n".join(curve_rows(run)))
             continue
         summary = json.loads((Path(run) / "summary.json").read_text())
-        print(row(args.kind, summary["method_label"], run))
+        print(row(args.kind, report_label(summary), run))
         if args.kind == "fluency":
             pre = _stat(summary, "fluency", "ngram_entropy", side="pre")
             untouched = "–" if pre is None else f"{pre['mean']:.2f}"

@@ -212,10 +212,25 @@ class EvaluationSettings:
         return data
 
 
+# Names as the methods' papers write them; every other method (ROME, MEMIT, KN, ...) is its name in capitals.
+METHOD_LABELS = {"tpatcher": "T-Patcher", "calinet": "CaliNET", "alphaedit": "AlphaEdit"}
+
+
 def default_label(method: str, config: dict) -> str:
-    """The method's name in reports: its variant (`ft_m` -> `FT-M`) or its name in capitals."""
+    """The method's name in reports: its variant (`ft_m` -> `FT-M`), its paper's spelling (`tpatcher` -> `T-Patcher`)
+    or its name in capitals (`rome` -> `ROME`)."""
     variant = config.get("variant") if isinstance(config, dict) else None
-    return (variant or method).upper().replace("_", "-")
+    name = variant or method
+    return METHOD_LABELS.get(name, name.upper().replace("_", "-"))
+
+
+def report_label(summary: dict) -> str:
+    """The label a report shows for a run: its own, except that runs labelled by an earlier default (the name in
+    capitals, e.g. `TPATCHER`) get today's default (`T-Patcher`)."""
+    label, method = summary["method_label"], summary.get("method", "")
+    if method in METHOD_LABELS and label == method.upper().replace("_", "-"):
+        return METHOD_LABELS[method]
+    return label
 
 
 # -- memory and versions -------------------------------------------------------------------------------------------

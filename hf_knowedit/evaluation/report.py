@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from .harness import SUMMARY_NAME, refresh_intervals
+from .harness import SUMMARY_NAME, refresh_intervals, report_label
 
 
 TABLE_METRICS = (("reliability", "Rel."), ("generalization", "Gen."), ("locality_unchanged", "Loc."),
@@ -26,7 +26,8 @@ ALL_METRICS = TABLE_METRICS + (("locality_ground_truth", "Loc. (GT)"), ("fluency
 def find_summaries(paths: list[str | os.PathLike]) -> list[tuple[Path, dict]]:
     """`(run directory, summary)` for each path that is a run, or each run found below a path, sorted by path.
 
-    Summaries written before scores named their intervals get the current ones here (`refresh_intervals`).
+    Summaries written before scores named their intervals get the current ones here (`refresh_intervals`), and
+    those labelled by an earlier default label (`TPATCHER`) today's (`T-Patcher`, `report_label`).
     """
     found = []
     for path in paths:
@@ -42,7 +43,9 @@ def find_summaries(paths: list[str | os.PathLike]) -> list[tuple[Path, dict]]:
 
             raise EvaluationSettingsError(f"No {SUMMARY_NAME} in or below {str(path)!r}: not an evaluation run.")
         for candidate in candidates:
-            found.append((candidate.parent, refresh_intervals(json.loads(candidate.read_text(encoding="utf-8")))))
+            summary = refresh_intervals(json.loads(candidate.read_text(encoding="utf-8")))
+            summary["method_label"] = report_label(summary)
+            found.append((candidate.parent, summary))
     unique = {str(directory): (directory, _latest_checkpoint(summary)) for directory, summary in found}
     return [unique[key] for key in sorted(unique)]
 
