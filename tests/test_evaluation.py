@@ -556,6 +556,28 @@ def test_results_page_rows_come_from_the_run_they_name(runs, tmp_path):
     assert summary_rows.row("fluency", "FT", batch_dir).startswith(f"| FT | {fluency['mean']:.2f} ± ")
 
 
+def test_results_page_rebuilt_from_some_runs_keeps_the_rows_of_the_others():
+    """make_results.py --partial: the table of all runs keeps the rows of runs this checkout lacks, replaces those of
+    the runs it has, adds new ones, in the report's order (dataset, method, mode, batch, run), and keeps its notes."""
+    spec = importlib.util.spec_from_file_location(
+        "make_results", Path(__file__).parents[1] / "benchmarks" / "results" / "make_results.py")
+    make_results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_results)  # defines functions only: the page is rebuilt by main()
+    head = "| Method | Dataset | Mode | Batch | Run |\n|---|---|---|---|---|\n"
+    old = head + ("| ROME | cf | single † | 1 | `runs/cf/rome_single` |\n"
+                  "| SERAC | cf | sequential | 1 | `runs/cf/serac_seq` |\n"
+                  "| SERAC | zs | batch | 10 | `runs/zs/serac_b10` |\n\n† note\n\n")
+    new = head + ("| SERAC | cf | batch | 100 | `runs/cf/serac_b100` |\n"
+                  "| SERAC | cf | sequential † | 1 | `runs/cf/serac_seq` |\n"
+                  "| GRACE | zs | sequential | 1 | `runs/zs/grace_seq` |\n\n")
+    merged = make_results.merge_all_runs(old, new)
+    assert merged == head + ("| ROME | cf | single † | 1 | `runs/cf/rome_single` |\n"
+                             "| SERAC | cf | batch | 100 | `runs/cf/serac_b100` |\n"
+                             "| SERAC | cf | sequential † | 1 | `runs/cf/serac_seq` |\n"
+                             "| GRACE | zs | sequential | 1 | `runs/zs/grace_seq` |\n"
+                             "| SERAC | zs | batch | 10 | `runs/zs/serac_b10` |\n\n† note\n\n")
+
+
 def test_gpu_rows_compare_with_the_cpu_run_on_the_same_cases(runs, tmp_path, monkeypatch):
     """The GPU table of docs/results.md: a GPU run's figures, its peak GPU memory, and the edit seconds of the CPU run
     of the same name over the cases the GPU run edited; no CPU figure when the configs differ; a CPU run is refused."""

@@ -7,7 +7,11 @@ benchmarks/results/run_single_edits.sh.
   that run (summary_rows.py, KIND batch, sequential, fluency or gpu), keeping its first cell, the method's name. To
   add a row, write `| NAME | `runs/...` |` in the table and run this script.
 - Stops, naming them, when runs that docs/results.md names are missing here (runs/ is not in git), unless
-  --allow-missing.
+  --allow-missing (rebuild from the runs that are here, dropping the others' rows) or --partial.
+- --partial, for a checkout that holds only some of the runs: recompute every row whose run is here and keep the
+  others as they are. The table of all runs gets the rows of the runs here, new ones included, in the report's
+  order, and keeps the rows of the missing runs. The main tables and the plots are left alone: they compare every
+  run, and are rebuilt only when all of them are here.
 - docs/report_gpu: the plots of `hf-knowedit report` over the GPU runs under runs/gpu (benchmarks/results/run_gpu.sh),
   kept apart from the CPU runs' plots so that no plot sets GPU seconds beside CPU seconds.
 """
@@ -21,43 +25,73 @@ sys.path.insert(0, str(Path(__file__).parent))
 from summary_rows import row  # noqa: E402
 
 
-def rows_block(match: re.Match) -> str:
-    """The table between <!-- rows KIND --> and <!-- /rows --> with each row that names a run recomputed."""
+def rows_block(match: re.Match, partial: bool = False) -> str:
+    """The table between <!-- rows KIND --> and <!-- /rows --> with each row that names a run recomputed (with
+    PARTIAL, only those whose run is here)."""
     lines = []
     for line in match.group(2).splitlines():
         run = re.search(r"\| `([^`]+)` \|$", line)
-        lines.append(row(match.group(1), line.split("|")[1].strip(), run.group(1)) if run else line)
+        keep = not run or (partial and not (Path(run.group(1)) / "summary.json").is_file())
+        lines.append(line if keep else row(match.group(1), line.split("|")[1].strip(), run.group(1)))
     return match.group(0).replace(match.group(2), "\n".join(lines))
 
 
-# runs/ is not in git: on a checkout that lacks some of the runs this page names, rebuilding would silently drop
-# their rows and table entries, so stop and say which are missing
-named = sorted(set(re.findall(r"`(runs/[^`]+?)/?`", Path("docs/results.md").read_text())))
-missing = [run for run in named if Path(run).parent.name in ("counterfact", "zsre", "fluency")
-           and not (Path(run) / "summary.json").is_file() and "*" not in run]
-if missing and "--allow-missing" not in sys.argv:
-    sys.exit(f"{len(missing)} runs named in docs/results.md are not here (first: {', '.join(missing[:5])}); "
-             "rebuilding would drop them. Fetch them into runs/, or pass --allow-missing.")
-runs = sorted(str(p.parent) for tag in ("counterfact", "zsre") for p in Path("runs", tag).glob("*/summary.json"))
-tables = {}
-for protocol in ("token_accuracy", "prob_comparison"):
-    out = Path("docs/report_all") if protocol == "token_accuracy" else Path(f"/tmp/report_{protocol}")
-    subprocess.run([".venv/bin/hf-knowedit", "report", *runs, "--output", str(out), "--protocol", protocol], check=True,
-                   capture_output=True)
-    text = (out / "report.md").read_text()
-    main = re.search(r"\| Method \| ZsRE.*?\n\n", text, re.S).group(0)
-    tables[protocol] = main
-    if protocol == "token_accuracy":
-        tables["all"] = re.search(r"\| Method \| Dataset \|.*?\n\n(?:† .*?\n\n?)?", text, re.S).group(0)
-        tables["all"] = re.sub(r"`(\.\./)+(work/main/)?runs/", "`runs/", tables["all"])
-gpu_runs = sorted(str(p.parent) for p in Path("runs", "gpu").glob("*/*/summary.json"))
-if gpu_runs:
-    subprocess.run([".venv/bin/hf-knowedit", "report", *gpu_runs, "--output", "docs/report_gpu"], check=True,
-                   capture_output=True)
-doc = Path("docs/results.md").read_text()
-for key, table in tables.items():
-    pattern = rf"(<!-- {key} -->\n).*?(<!-- /{key} -->)"
-    doc = re.sub(pattern, lambda m, table=table: m.group(1) + table + m.group(2), doc, flags=re.S)
-doc = re.sub(r"<!-- rows (\w+) -->\n(.*?)\n<!-- /rows -->", rows_block, doc, flags=re.S)
-Path("docs/results.md").write_text(doc)
-print("runs:", len(runs), "GPU runs:", len(gpu_runs))
+def merge_all_runs(old: str, new: str) -> str:
+    """The table of all runs OLD with the rows of NEW (the runs here) replacing or joining its rows, in the report's
+    order (dataset, method, mode, batch size, then run)."""
+    def rows(table: str) -> dict[str, str]:
+        return {re.search(r"`([^`]+)` \|$", line).group(1): line for line in table.splitlines()
+                if re.search(r"`([^`]+)` \|$", line)}
+
+    def order(line: str) -> tuple:
+        cells = [cell.strip() for cell in line.split("|")[1:-1]]
+        return cells[1], cells[0], cells[2].rstrip(" †"), int(cells[3]), cells[-1].strip("`")
+
+    merged = rows(old) | rows(new)
+    head = [line for line in new.splitlines()[:2]]
+    notes = new.split("\n\n", 1)[1] if "\n\n" in new.strip() else old.split("\n\n", 1)[1]
+    return "\n".join(head + sorted(merged.values(), key=order)) + "\n\n" + notes
+
+
+def main(argv: list[str]):
+    partial = "--partial" in argv
+    # runs/ is not in git: on a checkout that lacks some of the runs this page names, rebuilding would silently drop
+    # their rows and table entries, so stop and say which are missing
+    named = sorted(set(re.findall(r"`(runs/[^`]+?)/?`", Path("docs/results.md").read_text())))
+    missing = [run for run in named if Path(run).parent.name in ("counterfact", "zsre", "fluency")
+               and not (Path(run) / "summary.json").is_file() and "*" not in run]
+    if missing and not partial and "--allow-missing" not in argv:
+        sys.exit(f"{len(missing)} runs named in docs/results.md are not here (first: {', '.join(missing[:5])}); "
+                 "rebuilding would drop them. Fetch them into runs/, or pass --partial (keep their rows) or "
+                 "--allow-missing (drop them).")
+    runs = sorted(str(p.parent) for tag in ("counterfact", "zsre") for p in Path("runs", tag).glob("*/summary.json"))
+    tables = {}
+    for protocol in ("token_accuracy", "prob_comparison"):
+        plots_here = protocol == "token_accuracy" and not partial
+        out = Path("docs/report_all") if plots_here else Path(f"/tmp/report_{protocol}")
+        subprocess.run([".venv/bin/hf-knowedit", "report", *runs, "--output", str(out), "--protocol", protocol],
+                       check=True, capture_output=True)
+        text = (out / "report.md").read_text()
+        tables[protocol] = re.search(r"\| Method \| ZsRE.*?\n\n", text, re.S).group(0)
+        if protocol == "token_accuracy":
+            tables["all"] = re.search(r"\| Method \| Dataset \|.*?\n\n(?:† .*?\n\n?)?", text, re.S).group(0)
+            tables["all"] = re.sub(r"`(\.\./)+(work/main/)?runs/", "`runs/", tables["all"])
+    gpu_runs = sorted(str(p.parent) for p in Path("runs", "gpu").glob("*/*/summary.json"))
+    if gpu_runs and not partial:
+        subprocess.run([".venv/bin/hf-knowedit", "report", *gpu_runs, "--output", "docs/report_gpu"], check=True,
+                       capture_output=True)
+    doc = Path("docs/results.md").read_text()
+    if partial:
+        old = re.search(r"<!-- all -->\n(.*?)<!-- /all -->", doc, re.S).group(1)
+        tables = {"all": merge_all_runs(old, tables["all"])}
+    for key, table in tables.items():
+        pattern = rf"(<!-- {key} -->\n).*?(<!-- /{key} -->)"
+        doc = re.sub(pattern, lambda m, table=table: m.group(1) + table + m.group(2), doc, flags=re.S)
+    doc = re.sub(r"<!-- rows (\w+) -->\n(.*?)\n<!-- /rows -->", lambda m: rows_block(m, partial), doc, flags=re.S)
+    Path("docs/results.md").write_text(doc)
+    print("runs:", len(runs), "GPU runs:", len(gpu_runs),
+          f"(--partial: {len(missing)} missing runs' rows kept; main tables and plots not rebuilt)" if partial else "")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
