@@ -301,6 +301,17 @@ def test_refreshing_an_old_summary_gives_the_intervals_of_a_new_one():
     assert _cell(summary, "reliability", "token_accuracy") == "100.0 ± 16.1"
 
 
+def test_an_interrupted_stream_is_shown_at_its_last_checkpoint_with_its_refusals():
+    from hf_knowedit.evaluation.report import _latest_checkpoint
+
+    point = {"num_edits": 3, "edits_refused": 2, "metrics": {"reliability": {"token_accuracy": {"mean": 0.5}}}}
+    summary = {"mode": "sequential", "complete": False, "num_completed": 0, "edits_refused": 0,
+               "metrics": {"pre": {}, "post": {}},
+               "curve": [{"num_edits": 1, "edits_refused": 0, "metrics": {}}, point]}
+    shown = _latest_checkpoint(summary)
+    assert (shown["num_completed"], shown["edits_refused"], shown["metrics"]["post"]) == (3, 2, point["metrics"])
+
+
 def test_methods_are_labelled_as_their_papers_spell_them(tmp_path):
     assert default_label("tpatcher", {}) == "T-Patcher" and default_label("alphaedit", {}) == "AlphaEdit"
     assert default_label("rome", {}) == "ROME" and default_label("ft", {"variant": "ft_l"}) == "FT-L"

@@ -56,7 +56,8 @@ def _latest_checkpoint(summary: dict) -> dict:
         return summary
     point = max(summary["curve"], key=lambda p: p["num_edits"])
     return {**summary, "metrics": {**summary["metrics"], "post": point["metrics"]},
-            "num_completed": point["num_edits"], "shown_at_checkpoint": point["num_edits"]}
+            "num_completed": point["num_edits"], "shown_at_checkpoint": point["num_edits"],
+            "edits_refused": point.get("edits_refused", summary.get("edits_refused"))}
 
 
 def _stat(summary: dict, metric: str, protocol: str, side: str = "post") -> dict | None:
