@@ -25,12 +25,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from summary_rows import row  # noqa: E402
 
 
+RUN_CELL = re.compile(r"\| `([^`]+)` \|$")  # a table row's last cell: the run it comes from
+
+
 def rows_block(match: re.Match, partial: bool = False) -> str:
     """The table between <!-- rows KIND --> and <!-- /rows --> with each row that names a run recomputed (with
     PARTIAL, only those whose run is here)."""
     lines = []
     for line in match.group(2).splitlines():
-        run = re.search(r"\| `([^`]+)` \|$", line)
+        run = RUN_CELL.search(line)
         keep = not run or (partial and not (Path(run.group(1)) / "summary.json").is_file())
         lines.append(line if keep else row(match.group(1), line.split("|")[1].strip(), run.group(1)))
     return match.group(0).replace(match.group(2), "\n".join(lines))
@@ -40,15 +43,14 @@ def merge_all_runs(old: str, new: str) -> str:
     """The table of all runs OLD with the rows of NEW (the runs here) replacing or joining its rows, in the report's
     order (dataset, method, mode, batch size, then run)."""
     def rows(table: str) -> dict[str, str]:
-        return {re.search(r"`([^`]+)` \|$", line).group(1): line for line in table.splitlines()
-                if re.search(r"`([^`]+)` \|$", line)}
+        return {run.group(1): line for line in table.splitlines() if (run := RUN_CELL.search(line))}
 
     def order(line: str) -> tuple:
         cells = [cell.strip() for cell in line.split("|")[1:-1]]
         return cells[1], cells[0], cells[2].rstrip(" †"), int(cells[3]), cells[-1].strip("`")
 
     merged = rows(old) | rows(new)
-    head = [line for line in new.splitlines()[:2]]
+    head = new.splitlines()[:2]
     notes = new.split("\n\n", 1)[1] if "\n\n" in new.strip() else old.split("\n\n", 1)[1]
     return "\n".join(head + sorted(merged.values(), key=order)) + "\n\n" + notes
 
@@ -66,9 +68,9 @@ def main(argv: list[str]):
                  "--allow-missing (drop them).")
     runs = sorted(str(p.parent) for tag in ("counterfact", "zsre") for p in Path("runs", tag).glob("*/summary.json"))
     tables = {}
-    for protocol in ("token_accuracy", "prob_comparison"):
-        plots_here = protocol == "token_accuracy" and not partial
-        out = Path("docs/report_all") if plots_here else Path(f"/tmp/report_{protocol}")
+    for protocol in ("token_accuracy",) if partial else ("token_accuracy", "prob_comparison"):
+        # --partial: the report of some runs is read for its rows only, and its plots do not replace the page's
+        out = Path(f"/tmp/report_{protocol}") if partial or protocol != "token_accuracy" else Path("docs/report_all")
         subprocess.run([".venv/bin/hf-knowedit", "report", *runs, "--output", str(out), "--protocol", protocol],
                        check=True, capture_output=True)
         text = (out / "report.md").read_text()
