@@ -216,19 +216,23 @@ class EvaluationSettings:
 METHOD_LABELS = {"tpatcher": "T-Patcher", "calinet": "CaliNET", "alphaedit": "AlphaEdit"}
 
 
+def _in_capitals(name: str) -> str:
+    return name.upper().replace("_", "-")
+
+
 def default_label(method: str, config: dict) -> str:
     """The method's name in reports: its variant (`ft_m` -> `FT-M`), its paper's spelling (`tpatcher` -> `T-Patcher`)
     or its name in capitals (`rome` -> `ROME`)."""
     variant = config.get("variant") if isinstance(config, dict) else None
     name = variant or method
-    return METHOD_LABELS.get(name, name.upper().replace("_", "-"))
+    return METHOD_LABELS.get(name, _in_capitals(name))
 
 
 def report_label(summary: dict) -> str:
     """The label a report shows for a run: its own, except that runs labelled by an earlier default (the name in
     capitals, e.g. `TPATCHER`) get today's default (`T-Patcher`)."""
     label, method = summary["method_label"], summary.get("method", "")
-    if method in METHOD_LABELS and label == method.upper().replace("_", "-"):
+    if method in METHOD_LABELS and label == _in_capitals(method):
         return METHOD_LABELS[method]
     return label
 
