@@ -189,7 +189,13 @@ def test_resume_sequential_every_k_scores_the_same_checkpoints(dataset, tmp_path
     (output / "results.jsonl").write_text("")
     resumed = _run(settings, output)
     assert [p["num_edits"] for p in resumed["curve"]] == [p["num_edits"] for p in complete["curve"]] == [2, 4, 5]
-    assert resumed["curve"][1:] == complete["curve"][1:]
+    def scores(point):  # the edit seconds are timed anew
+        return {key: value for key, value in point.items() if key != "edit_seconds_per_case"}
+
+    assert [scores(p) for p in resumed["curve"][1:]] == [scores(p) for p in complete["curve"][1:]]
+    # every checkpoint times the edits so far, those recomputed on resuming included
+    assert [p["edit_seconds_per_case"]["n"] for p in resumed["curve"]] == [2, 4, 5]
+    assert all(p["edit_seconds_per_case"]["mean"] > 0 for p in resumed["curve"])
 
 
 @pytest.mark.parametrize("key", [("single", 1, "final"), ("batch", 2, "final"), ("sequential", 1, "every:2"),
@@ -304,12 +310,18 @@ def test_refreshing_an_old_summary_gives_the_intervals_of_a_new_one():
 def test_an_interrupted_stream_is_shown_at_its_last_checkpoint_with_its_refusals():
     from hf_knowedit.evaluation.report import _latest_checkpoint
 
-    point = {"num_edits": 3, "edits_refused": 2, "metrics": {"reliability": {"token_accuracy": {"mean": 0.5}}}}
+    seconds = {"mean": 2.5, "ci95": [2.0, 3.0], "n": 3}
+    point = {"num_edits": 3, "edits_refused": 2, "metrics": {"reliability": {"token_accuracy": {"mean": 0.5}}},
+             "edit_seconds_per_case": seconds}
     summary = {"mode": "sequential", "complete": False, "num_completed": 0, "edits_refused": 0,
-               "metrics": {"pre": {}, "post": {}},
+               "metrics": {"pre": {}, "post": {}}, "efficiency": {"edit_seconds_per_case": {"mean": None}},
                "curve": [{"num_edits": 1, "edits_refused": 0, "metrics": {}}, point]}
     shown = _latest_checkpoint(summary)
     assert (shown["num_completed"], shown["edits_refused"], shown["metrics"]["post"]) == (3, 2, point["metrics"])
+    assert shown["efficiency"]["edit_seconds_per_case"] == seconds
+    # a checkpoint written before checkpoints were timed keeps the summary's (empty) figure
+    del point["edit_seconds_per_case"]
+    assert _latest_checkpoint(summary)["efficiency"]["edit_seconds_per_case"] == {"mean": None}
 
 
 def test_methods_are_labelled_as_their_papers_spell_them(tmp_path):
@@ -560,9 +572,10 @@ def test_results_page_rows_come_from_the_run_they_name(runs, tmp_path):
     # a stream that stopped before its last case is labelled with the edits its last checkpoint saw
     stopped = tmp_path / "stopped"
     stopped.mkdir()
-    (stopped / "summary.json").write_text(json.dumps({**summary, "num_cases": 8}))
-    assert summary_rows.row("sequential", "FT", str(stopped)).startswith(
-        f"| FT (to {summary['curve'][-1]['num_edits']} edits) | ")
+    (stopped / "summary.json").write_text(json.dumps({**summary, "num_cases": 8, "complete": False}))
+    cells = summary_rows.row("sequential", "FT", str(stopped)).split(" | ")
+    assert cells[0] == f"| FT (to {summary['curve'][-1]['num_edits']} edits)"
+    assert cells[5] == f"{summary['curve'][-1]['edit_seconds_per_case']['mean']:.2f}"  # its seconds so far
     fluency = json.loads((Path(batch_dir) / "summary.json").read_text())["metrics"]["post"]["fluency"]["ngram_entropy"]
     assert summary_rows.row("fluency", "FT", batch_dir).startswith(f"| FT | {fluency['mean']:.2f} ± ")
 

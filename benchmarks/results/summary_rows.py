@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from hf_knowedit.evaluation.harness import report_label
-from hf_knowedit.evaluation.report import _stat, ran_on_gpu
+from hf_knowedit.evaluation.report import _latest_checkpoint, _stat, ran_on_gpu
 
 
 TRIPLE = ("reliability", "generalization", "locality_unchanged")
@@ -125,7 +125,7 @@ CELLS = {"batch": lambda summary, run: batch_cells(summary),
 
 def row(kind: str, label: str, run: str) -> str:
     """One table row: LABEL, the cells of KIND computed from RUN's summary.json, and the run in backticks."""
-    summary = json.loads((Path(run) / "summary.json").read_text())
+    summary = _latest_checkpoint(json.loads((Path(run) / "summary.json").read_text()))  # a stopped stream: its last
     if kind == "sequential":
         label = re.sub(r"\s*\(to [\d,]+ edits\)$", "", label)
         last = summary["curve"][-1]["num_edits"] if summary["curve"] else summary["num_completed"]

@@ -687,7 +687,8 @@ def run_evaluation(
                     next_checkpoint += every
                 point = score_shared(indices[:applied], chunk_no, None, applied)
                 if processes.is_main:
-                    append_jsonl(curve_path, [_curve_point(applied, point, protocols)])
+                    seconds = [edit_times[i] for i in indices[:applied]]
+                    append_jsonl(curve_path, [_curve_point(applied, point, protocols, seconds)])
                     bar.update(applied - bar.n)
                     write_summary()
                 if applied == len(indices):
@@ -761,9 +762,13 @@ class _RunningMeans:
         return {short[m]: f"{self.sums[m] / self.counts[m]:.3f}" for m in self.sums}
 
 
-def _curve_point(num_edits: int, records: list[dict], protocols) -> dict:
+def _curve_point(num_edits: int, records: list[dict], protocols, edit_seconds: list[float]) -> dict:
+    """A checkpoint: the scores of the cases edited so far, their refusals, and the seconds of their edits (those
+    recomputed when the run resumed included: they were timed again), so that a stream stopped before its end still
+    has its efficiency."""
     means = _metric_stats(records, "post", protocols)
-    return {"num_edits": num_edits, "metrics": means, "edits_refused": sum(1 for r in records if r.get("edit_refused"))}
+    return {"num_edits": num_edits, "metrics": means, "edits_refused": sum(1 for r in records if r.get("edit_refused")),
+            "edit_seconds_per_case": mean_ci(edit_seconds)}
 
 
 def _metric_stats(records: list[dict], side: str, protocols) -> dict:

@@ -55,7 +55,10 @@ def _latest_checkpoint(summary: dict) -> dict:
     if summary["mode"] != "sequential" or summary.get("complete", True) or not summary.get("curve"):
         return summary
     point = max(summary["curve"], key=lambda p: p["num_edits"])
-    return {**summary, "metrics": {**summary["metrics"], "post": point["metrics"]},
+    efficiency = summary["efficiency"]
+    if "edit_seconds_per_case" in point:  # checkpoints written by earlier versions have none
+        efficiency = {**efficiency, "edit_seconds_per_case": point["edit_seconds_per_case"]}
+    return {**summary, "metrics": {**summary["metrics"], "post": point["metrics"]}, "efficiency": efficiency,
             "num_completed": point["num_edits"], "shown_at_checkpoint": point["num_edits"],
             "edits_refused": point.get("edits_refused", summary.get("edits_refused"))}
 
