@@ -11,8 +11,9 @@ A run writes into its output directory:
   fluency is scored), seconds, peak memory, and `edit_refused`: `None`, or the message of the `EditFailedError` with
   which the method refused the case's edit (the model is then left as it was, the run goes on, and the case is scored
   without its edit).
-- `curve.jsonl` (sequential runs with `every:K`): the mean scores of all cases edited so far, every K edits, and how
-  many of those edits were refused.
+- `curve.jsonl` (sequential runs with `every:K`): the mean scores of all cases edited so far, every K edits, how
+  many of those edits were refused, and their mean seconds per edit (a report shows a stream stopped before its end
+  at its last checkpoint, seconds included).
 - `summary.json`: means with 95% confidence intervals, skip counts, refused edits, efficiency, versions.
 
 Modes:
