@@ -20,6 +20,7 @@ from hf_knowedit import (
     EditFailedError,
     EditRequest,
 )
+from hf_knowedit.data import load_config_records
 from hf_knowedit.locate import ResumedTargetLogProbs
 from hf_knowedit.methods.calinet import CaliNETConfig
 from hf_knowedit.methods.calinet.side_ffn import SideFFN, ffn_host_path
@@ -220,6 +221,29 @@ def test_ike_demonstrations_from_any_dataset_format(tmp_path):
     for wrong, match in ((bad, "cannot be read as an edit dataset"), (tmp_path / "missing.json", "does not exist")):
         with pytest.raises(EditConfigError, match=match):
             EditedModel(tiny_model("gpt2"), TOKENIZER).add_edits(IKEConfig(demonstrations_file=str(wrong)), [REQUEST])
+
+
+def test_ike_reads_its_pool_once_while_the_file_is_unchanged(tmp_path, monkeypatch):
+    """A stream of IKE edits reads and indexes its demonstration file at the first edit only; a changed file is read
+    again."""
+    from hf_knowedit.methods.ike import editor as ike_editor
+
+    records = [{"prompt": "The capital of {} is", "subject": name, "target_new": "Paris", "ground_truth": "Rome"}
+               for name in ("Freedonia", "Sylvania")]
+    path = tmp_path / "pool.json"
+    path.write_text(json.dumps(records), encoding="utf-8")
+    reads = []
+    monkeypatch.setattr(ike_editor, "load_config_records",
+                        lambda *args: reads.append(args) or load_config_records(*args))
+    ike_editor._indexed_pool.cache_clear()
+    model = EditedModel(tiny_model("gpt2"), TOKENIZER)
+    config = IKEConfig(demonstrations_file=str(path), num_demonstrations=2)
+    for _ in range(3):
+        model.add_edits(config, [REQUEST])
+    assert len(reads) == 1
+    path.write_text(json.dumps(records[:1] + [{**records[1], "subject": "Ruritania"}]), encoding="utf-8")
+    fresh = EditedModel(tiny_model("gpt2"), TOKENIZER).add_edits(config, [REQUEST])
+    assert len(reads) == 2 and "Ruritania" in fresh.get_edit().components[""][0].context(0)
 
 
 def test_tpatcher_memory_set_from_a_dataset_file(tmp_path):

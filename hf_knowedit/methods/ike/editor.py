@@ -1,3 +1,6 @@
+import functools
+from pathlib import Path
+
 from ...data import load_config_records
 from ...edited_model import MODEL_ROOT
 from ...editor import BaseEditor
@@ -28,6 +31,23 @@ def load_demonstration_pool(path: str, max_records: int) -> list[dict]:
     return pool
 
 
+def indexed_pool(path: str, max_records: int) -> tuple[list[dict], TfidfIndex | None]:
+    """The demonstration pool of `path` and its TF-IDF index, read once per process for as long as the file is
+    unchanged (a stream of edits reads it at its first edit, not at every one)."""
+    try:
+        resolved = Path(path).expanduser().resolve()
+        stat = resolved.stat()
+    except OSError:  # load_config_records says what is wrong with the path
+        return _indexed_pool(path, max_records, None)
+    return _indexed_pool(str(resolved), max_records, (stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=4)
+def _indexed_pool(path: str, max_records: int, version) -> tuple[list[dict], TfidfIndex | None]:
+    pool = load_demonstration_pool(path, max_records)
+    return pool, TfidfIndex([d["text"] for d in pool]) if pool else None
+
+
 class IKEEditor(BaseEditor):
     """Stores each new fact with the demonstrations most similar to it; no weight is changed.
 
@@ -44,10 +64,9 @@ class IKEEditor(BaseEditor):
 
     def compute_components(self, edited_model, requests):
         config = self.config
-        pool = []
+        pool, index = [], None
         if config.demonstrations_file and config.num_demonstrations:
-            pool = load_demonstration_pool(config.demonstrations_file, config.max_pool_records)
-        index = TfidfIndex([d["text"] for d in pool]) if pool else None
+            pool, index = indexed_pool(config.demonstrations_file, config.max_pool_records)
         entries = []
         for request in requests:
             fact = fact_text(request.filled_prompt, request.target_new)
