@@ -113,3 +113,8 @@ class Snapshot:
         assert edited.active_edits == self.active
         assert {n: p.requires_grad for n, p in edited.base_model.named_parameters()} == self.requires_grad
         assert edited.base_model.training == self.training
+
+
+def curve_scores(curve: list[dict]) -> list[dict]:
+    """A sequential run's checkpoints without their edit seconds, which are timed anew by every run."""
+    return [{key: value for key, value in point.items() if key != "edit_seconds_per_case"} for point in curve]

@@ -39,7 +39,7 @@ from hf_knowedit.evaluation.report import (
 from hf_knowedit.scoring import BatchScorer
 from hf_knowedit.utils import parse_overrides
 
-from .helpers import save_tiny_model
+from .helpers import curve_scores, save_tiny_model
 from .tiny_models import tiny_model, tiny_tokenizer
 
 
@@ -189,10 +189,7 @@ def test_resume_sequential_every_k_scores_the_same_checkpoints(dataset, tmp_path
     (output / "results.jsonl").write_text("")
     resumed = _run(settings, output)
     assert [p["num_edits"] for p in resumed["curve"]] == [p["num_edits"] for p in complete["curve"]] == [2, 4, 5]
-    def scores(point):  # the edit seconds are timed anew
-        return {key: value for key, value in point.items() if key != "edit_seconds_per_case"}
-
-    assert [scores(p) for p in resumed["curve"][1:]] == [scores(p) for p in complete["curve"][1:]]
+    assert curve_scores(resumed["curve"][1:]) == curve_scores(complete["curve"][1:])
     # every checkpoint times the edits so far, those recomputed on resuming included
     assert [p["edit_seconds_per_case"]["n"] for p in resumed["curve"]] == [2, 4, 5]
     assert all(p["edit_seconds_per_case"]["mean"] > 0 for p in resumed["curve"])
