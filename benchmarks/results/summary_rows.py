@@ -125,7 +125,8 @@ CELLS = {"batch": lambda summary, run: batch_cells(summary),
 
 def row(kind: str, label: str, run: str) -> str:
     """One table row: LABEL, the cells of KIND computed from RUN's summary.json, and the run in backticks."""
-    summary = _latest_checkpoint(json.loads((Path(run) / "summary.json").read_text()))  # a stopped stream: its last
+    # a stream stopped before its end is shown at its last checkpoint
+    summary = _latest_checkpoint(json.loads((Path(run) / "summary.json").read_text()))
     if kind == "sequential":
         label = re.sub(r"\s*\(to [\d,]+ edits\)$", "", label)
         last = summary["curve"][-1]["num_edits"] if summary["curve"] else summary["num_completed"]
