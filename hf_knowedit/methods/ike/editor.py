@@ -37,8 +37,8 @@ def indexed_pool(path: str, max_records: int) -> tuple[list[dict], TfidfIndex | 
     try:
         resolved = Path(path).expanduser().resolve()
         stat = resolved.stat()
-    except OSError:  # load_config_records says what is wrong with the path
-        return _indexed_pool(path, max_records, None)
+    except OSError:  # read uncached: load_config_records says what is wrong with the path
+        return _indexed_pool.__wrapped__(path, max_records, None)
     return _indexed_pool(str(resolved), max_records, (stat.st_mtime_ns, stat.st_size))
 
 
