@@ -1,11 +1,13 @@
-"""How many T-Patcher patches fire on the neighbourhood prompts as a sequential stream of edits grows.
+"""How many T-Patcher patches fire on the neighbourhood prompts, and on the earlier edits' prompts, as a sequential
+stream of edits grows.
 
-T-Patcher's locality on CounterFact collapses over a long stream (docs/results.md, sequential section). This script
-edits the first `--n` CounterFact cases one after another with a T-Patcher config (the editor gets each case's prompt,
-subject and targets only, as in the harness) and, after every `--every` edits, reads the FFN inputs of the patched
-layer on the locality prompts of every case edited so far. All patches sit in that one layer, so those inputs do
-not depend on the patches, and a patch fires on a prompt exactly when its score `x @ key + bias` is positive there.
-Per checkpoint it prints:
+T-Patcher's locality on CounterFact collapses over a long stream, and its reliability on zsRE falls (docs/results.md,
+sequential section). This script edits the first `--n` cases of `--dataset` (CounterFact by default; any file
+`load_edit_dataset` reads) one after another with a T-Patcher config (the editor gets each case's prompt, subject and
+targets only, as in the harness) and, after every `--every` edits, reads the FFN inputs of the patched layer on the
+locality prompts and on the edit prompts of every case edited so far. All patches sit in that one layer, so those
+inputs do not depend on the patches, and a patch fires on a prompt exactly when its score `x @ key + bias` is
+positive there. Per checkpoint it prints, on the locality prompts:
 
 - `fire_any`: share of the locality prompts on which at least one patch fires at some position;
 - `fire_last`: the same at the prompt's last position (the one that predicts the next token);
@@ -16,11 +18,24 @@ Per checkpoint it prints:
 - `other_case_share`: of the firings at the last position, the share by patches written for another case than the
   prompt's own (the patch of the prompt's case is allowed to fire on it only by mistake, too).
 
+and on the edit prompts of the cases edited so far, at their last position (the one that predicts the first target
+token), a second line:
+
+- `own_fires`: share of edit prompts on which their own patch fires;
+- `other_fires`: share of edit prompts on which at least one patch of another edit fires, and `others` the mean
+  number of such patches;
+- `other/own`: mean over the edit prompts on which their own patch fires of the norm of what the other edits'
+  patches add there, in units of the norm of what the prompt's own patch adds;
+- `top1_kept`: share of edit prompts whose greedy next token is still the one the model gave right after their own
+  edit (a later patch that changes it costs that edit its first target token).
+
 With `--widest K` (default 3), each checkpoint also lists the K patches that fire (at the last position) on the most
 locality prompts: the edit they were written for, that share, and for their neuron with the lowest threshold its
 bias, key norm and threshold `-bias / |key|` (the score, in units of the key, that an input must pass to fire it).
 
     python benchmarks/diagnose_tpatcher_stream.py --config editing_configs/tpatcher/counterfact.json --n 300 --every 50
+    python benchmarks/diagnose_tpatcher_stream.py --config editing_configs/tpatcher/default.json \
+        --dataset ../shared/data/knowedit/ZsRE-test-all.json --n 300 --every 100
 """
 
 import argparse
@@ -91,17 +106,22 @@ def main():
     last_inputs = torch.stack([x[-1] for x in inputs])
     base_out = ffn_outputs_last(edited, path, prompts)
     base_top1 = next_tokens(edited, prompts)
-    print(f"T-Patcher stream diagnosis: {args.config}, {args.n} CounterFact edits, layer module {path}, "
+    edit_prompts = [r.filled_prompt for r in requests]
+    edit_inputs = torch.stack([x[-1] for x in TPatcherEditor.ffn_inputs(
+        edited, path, edit_prompts, model.device, per_prompt=True)])
+    print(f"T-Patcher stream diagnosis: {args.config}, {args.n} edits of {args.dataset}, layer module {path}, "
           f"{len(prompts)} locality prompts")
     print("edits  prompts  fire_any  fire_last  patches_last(mean/max)  shift_last  top1_changed  other_case_share")
     start = time.perf_counter()
     neuron_case = []  # the edit each neuron was written for: each edit's patch is appended to the stream's one
+    top1_after_own = []  # the greedy next token of each edit prompt right after its own edit
     for i, request in enumerate(requests):
         # as the harness does by default: the editor does not see the probes it is scored on
         bare = replace(request, rephrase_prompts=[], locality=[], portability=[])
         edited.add_edits(config, [bare], edit_name="stream")
         total = sum(p.num_neurons for p in edited.get_edit("stream").components[path])
         neuron_case += [i] * (total - len(neuron_case))
+        top1_after_own.append(next_tokens(edited, [edit_prompts[i]])[0])
         done = i + 1
         if done % args.every and done != len(requests):
             continue
@@ -123,7 +143,25 @@ def main():
               f"{count.mean():12.2f} / {int(count.max()):<6d}  {shift:10.3f}  "
               f"{(top1 != base_top1[seen]).float().mean():12.3f}  "
               f"{other.sum() / max(int(firing.sum()), 1):16.3f}   ({time.perf_counter() - start:.0f} s)", flush=True)
+        print_edit_prompts(edited, edit_prompts[:done], edit_inputs[:done], patch_case, keys, biases, values,
+                           torch.stack(top1_after_own))
         print_widest(requests[:done], patch_case, firing, keys, biases, args.widest)
+
+
+def print_edit_prompts(edited, prompts, inputs, patch_case, keys, biases, values, top1_after_own):
+    """The second line of a checkpoint: how the patches fire on the edit prompts of the cases edited so far."""
+    scores = inputs @ keys.T + biases
+    firing = scores > 0
+    own = patch_case[None, :] == torch.arange(len(prompts))[:, None]
+    other = firing & ~own
+    own_added = (torch.relu(scores) * own) @ values
+    other_added = (torch.relu(scores) * ~own) @ values
+    has_own = (firing & own).any(1)  # a refused edit has no patch
+    ratio = (other_added.norm(dim=-1) / own_added.norm(dim=-1).clamp_min(1e-12))[has_own]
+    kept = next_tokens(edited, prompts) == top1_after_own
+    print(f"       on the {len(prompts)} edit prompts: own_fires {has_own.float().mean():.3f}  "
+          f"other_fires {other.any(1).float().mean():.3f}  others {other.sum(1).float().mean():.2f}  "
+          f"other/own {ratio.mean():.3f}  top1_kept {kept.float().mean():.3f}", flush=True)
 
 
 def print_widest(requests, patch_case, firing, keys, biases, k):

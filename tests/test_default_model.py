@@ -1,6 +1,12 @@
 """End-to-end checks on the embedded default model, SmolLM2-135M-Instruct (slow: the model loads once per module)."""
 
 import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,3 +62,31 @@ def test_ft_m_edit_changes_the_completion_and_unload_restores(default_model):
     assert base is model
     assert weight_digests(base) == digests
     assert greedy(base, tokenizer).startswith(" French")
+
+
+def test_tpatcher_stream_diagnosis_reports_each_checkpoint(tmp_path):
+    """benchmarks/diagnose_tpatcher_stream.py on two edits: after the first, only its own patch exists, so it fires
+    on its own prompt, no other patch does, and the prompt's next token is still the one its edit gave."""
+    cases = [
+        {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target_new": "English",
+         "locality": [{"prompt": "The mother tongue of Michel Rocard is", "answer": "French"}]},
+        {"prompt": "{} is a citizen of", "subject": "Leonardo da Vinci", "target_new": "Japan",
+         "locality": [{"prompt": "Galileo Galilei is a citizen of", "answer": "Italy"}]},
+    ]
+    dataset = tmp_path / "cases.json"
+    dataset.write_text(json.dumps(cases))
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "diagnose_tpatcher_stream.py"), "--config",
+         str(root / "editing_configs" / "tpatcher" / "default.json"), "--dataset", str(dataset), "--n", "2",
+         "--every", "1"],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        timeout=600)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if "edit prompts:" in line]
+    assert [line.split(":")[0].split()[-3] for line in lines] == ["1", "2"]  # "on the N edit prompts"
+    first = dict(re.findall(r"([a-z_/0-9]+) ([0-9.]+)", lines[0].split(":", 1)[1]))
+    assert first["own_fires"] == "1.000" and first["other_fires"] == "0.000" and first["others"] == "0.00"
+    assert first["top1_kept"] == "1.000" and first["other/own"] == "0.000"
+    second = dict(re.findall(r"([a-z_/0-9]+) ([0-9.]+)", lines[1].split(":", 1)[1]))
+    assert second["own_fires"] == "1.000"
