@@ -4,7 +4,8 @@ stream of edits grows.
 T-Patcher's locality on CounterFact collapses over a long stream, and its reliability on zsRE falls (docs/results.md,
 sequential section). This script edits the first `--n` cases of `--dataset` (CounterFact by default; any file
 `load_edit_dataset` reads) one after another with a T-Patcher config (the editor gets each case's prompt, subject and
-targets only, as in the harness) and, after every `--every` edits, reads the FFN inputs of the patched layer on the
+targets only, as in the harness; an edit it refuses with `EditFailedError` leaves no patch and is counted, as the
+harness counts it) and, after every `--every` edits, reads the FFN inputs of the patched layer on the
 locality prompts and on the edit prompts of every case edited so far. All patches sit in that one layer, so those
 inputs do not depend on the patches, and a patch fires on a prompt exactly when its score `x @ key + bias` is
 positive there. Per checkpoint it prints, on the locality prompts:
@@ -77,6 +78,7 @@ def main():
     from hf_knowedit import EditedModel, load_default_model
     from hf_knowedit.config import build_config
     from hf_knowedit.data import load_edit_dataset
+    from hf_knowedit.errors import EditFailedError
     from hf_knowedit.methods.calinet.side_ffn import ffn_host_path
     from hf_knowedit.methods.tpatcher.editor import TPatcherEditor
 
@@ -115,17 +117,23 @@ def main():
     start = time.perf_counter()
     neuron_case = []  # the edit each neuron was written for: each edit's patch is appended to the stream's one
     top1_after_own = []  # the greedy next token of each edit prompt right after its own edit
+    refused = 0
     for i, request in enumerate(requests):
         # as the harness does by default: the editor does not see the probes it is scored on
         bare = replace(request, rephrase_prompts=[], locality=[], portability=[])
-        edited.add_edits(config, [bare], edit_name="stream")
-        total = sum(p.num_neurons for p in edited.get_edit("stream").components[path])
-        neuron_case += [i] * (total - len(neuron_case))
+        try:
+            edited.add_edits(config, [bare], edit_name="stream")
+        except EditFailedError:  # refused, the model unchanged: the harness counts it and goes on, as here
+            refused += 1
+        patches = edited.get_edit("stream").components[path] if "stream" in edited.edit_names else []
+        neuron_case += [i] * (sum(p.num_neurons for p in patches) - len(neuron_case))
         top1_after_own.append(next_tokens(edited, [edit_prompts[i]])[0])
         done = i + 1
         if done % args.every and done != len(requests):
             continue
-        patches = edited.get_edit("stream").components[path]
+        if not patches:
+            print(f"{done:5d}  no patch yet ({refused} edits refused)", flush=True)
+            continue
         keys = torch.cat([p.keys for p in patches])
         biases = torch.cat([p.biases for p in patches])
         values = torch.cat([p.values for p in patches])
@@ -142,7 +150,8 @@ def main():
         print(f"{done:5d}  {len(seen):7d}  {fire_any.float().mean():8.3f}  {firing.any(1).float().mean():9.3f}  "
               f"{count.mean():12.2f} / {int(count.max()):<6d}  {shift:10.3f}  "
               f"{(top1 != base_top1[seen]).float().mean():12.3f}  "
-              f"{other.sum() / max(int(firing.sum()), 1):16.3f}   ({time.perf_counter() - start:.0f} s)", flush=True)
+              f"{other.sum() / max(int(firing.sum()), 1):16.3f}   "
+              f"({refused} refused, {time.perf_counter() - start:.0f} s)", flush=True)
         print_edit_prompts(edited, edit_prompts[:done], edit_inputs[:done], patch_case, keys, biases, values,
                            torch.stack(top1_after_own))
         print_widest(requests[:done], patch_case, firing, keys, biases, args.widest)
