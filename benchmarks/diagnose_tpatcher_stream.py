@@ -28,7 +28,7 @@ token), a second line:
 - `other/own`: mean over the edit prompts on which their own patch fires of the norm of what the other edits'
   patches add there, in units of the norm of what the prompt's own patch adds;
 - `top1_kept`: share of edit prompts whose greedy next token is still the one the model gave right after their own
-  edit (a later patch that changes it costs that edit its first target token).
+  edit (where that token was the target's first, a change costs the edit it).
 
 With `--widest K` (default 3), each checkpoint also lists the K patches that fire (at the last position) on the most
 locality prompts: the edit they were written for, that share, and for their neuron with the lowest threshold its
