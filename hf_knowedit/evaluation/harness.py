@@ -76,7 +76,7 @@ from ..artifacts import file_sha256
 from ..config import build_config
 from ..data import load_edit_dataset
 from ..devices import input_device
-from ..distributed import rank_and_world_size
+from ..distributed import join_process_group, rank_and_world_size
 from ..edited_model import EditedModel
 from ..errors import EditFailedError, KnowEditError
 from ..metrics import FLUENCY_PROTOCOL, PROTOCOLS
@@ -303,19 +303,6 @@ def _rewrite_jsonl(path: Path, records: list[dict]) -> None:
 
 
 # -- processes -----------------------------------------------------------------------------------------------------
-def _join_process_group() -> None:
-    """Under a launcher (`accelerate launch`, `torchrun`, `mpirun`), join its process group through accelerate's
-    `PartialState`: NCCL on this process's GPU, or gloo where there is no GPU (or `accelerate launch --cpu`)."""
-    import torch.distributed as dist
-    from accelerate.utils import get_int_from_env, parse_flag_from_env
-
-    launched = get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1) > 1
-    if launched and dist.is_available() and not dist.is_initialized():
-        from accelerate import PartialState
-
-        PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
-
-
 class _Processes:
     """The processes of a run (one, or those of torch.distributed) and the few collectives the harness needs.
 
@@ -324,7 +311,7 @@ class _Processes:
     """
 
     def __init__(self):
-        _join_process_group()
+        join_process_group()
         self.rank, self.world_size = rank_and_world_size()
         self.is_main = self.rank == 0
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..config import EditConfig
+from ..distributed import destroy_process_group_at_exit
 from ..errors import ArtifactError, EditConfigError, EditRequestError
 from ..requests import as_requests
 from ..utils import get_logger, progress_enabled, tqdm, write_json
@@ -206,6 +207,7 @@ def train_editor(
     train_requests, held_back = _split_validation(requests, validation_requests, args.validation_size)
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    destroy_process_group_at_exit()
     model.to(accelerator.device)
     model.eval()
     for parameter in model.parameters():
