@@ -36,7 +36,7 @@ EVALUATE_SCRIPT = textwrap.dedent(
         sys.exit(0)
 
     # An edit that fails on process 1 only: both processes stop, none waits for the other. (A launch of its own: after
-    # the runs above, one in about 25 launches aborted at exit, in the finalisation of the interpreter of process 1.)
+    # the runs above, about one launch in 20 aborted at exit, in the finalisation of the interpreter of process 1.)
     join_process_group()
     rank = dist.get_rank()
     if rank == 1:
