@@ -90,3 +90,32 @@ def test_tpatcher_stream_diagnosis_reports_each_checkpoint(tmp_path):
     assert first["top1_kept"] == "1.000" and first["other/own"] == "0.000"
     second = dict(re.findall(r"([a-z_/0-9]+) ([0-9.]+)", lines[1].split(":", 1)[1]))
     assert second["own_fires"] == "1.000"
+
+
+def test_tpatcher_key_diagnosis_separates_with_the_fixed_max_margin_key(tmp_path):
+    """benchmarks/diagnose_tpatcher_keys.py on one case, with the two keys results.md compares: the paper's key
+    (trained from the edit input) still fires on its memory inputs after training, and its value is scaled up when
+    silenced; the fixed max-margin key separates the edit input from every memory input, so nothing needs silencing,
+    and the target is written either way."""
+    dataset = tmp_path / "cases.json"
+    dataset.write_text(json.dumps([{"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux",
+                                    "target_new": "English"}]))
+    root = Path(__file__).resolve().parents[1]
+
+    def diagnose(config: str) -> list[str]:
+        result = subprocess.run(
+            [sys.executable, str(root / "benchmarks" / "diagnose_tpatcher_keys.py"), "--config",
+             str(root / "editing_configs" / "tpatcher" / config), "--dataset", str(dataset), "--cases", "0"],
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+            timeout=600)
+        assert result.returncode == 0, result.stderr
+        line = next(line for line in result.stdout.splitlines() if line.lstrip().startswith("0 "))
+        # case, init max, "/", init median, gap, trained edit, "/", closest, fire trained, fire silenced, value x, hit
+        return line.split()[:12]
+
+    _, init_max, _, init_median, gap, edit, _, closest, fired, silenced, scale, hit = diagnose("default.json")
+    assert float(init_max) > float(init_median) > 0 and float(gap) > 0
+    assert float(fired) > 0 and float(silenced) == 0 and float(scale) > 1.5 and hit == "True"
+    _, _, _, _, gap, edit, _, closest, fired, silenced, scale, hit = diagnose("margin.json")
+    assert float(edit) > float(closest) + float(gap) / 2  # the fixed key keeps the gap it was chosen for
+    assert float(fired) == 0 and float(silenced) == 0 and float(scale) < 1.5 and hit == "True"
