@@ -6,7 +6,8 @@ benchmarks/results/run_single_edits.sh.
 - Between <!-- rows KIND --> and <!-- /rows -->: each table row that ends with a run in backticks is recomputed from
   that run (summary_rows.py, KIND batch, sequential, fluency or gpu), keeping its first cell, the method's name. To
   add a row, write `| NAME | `runs/...` |` in the table and run this script.
-- Stops, naming them, when runs that docs/results.md names are missing here (runs/ is not in git), unless
+- Stops, naming them, when runs that docs/results.md names are missing here (runs made before their records were
+  kept in git are in no checkout but the one that made them), unless
   --allow-missing (rebuild from the runs that are here, dropping the others' rows) or --partial.
 - --partial, for a checkout that holds only some of the runs: recompute every row whose run is here and keep the
   others as they are. The table of all runs gets the rows of the runs here, new ones included, in the report's
@@ -57,8 +58,8 @@ def merge_all_runs(old: str, new: str) -> str:
 
 def main(argv: list[str]):
     partial = "--partial" in argv
-    # runs/ is not in git: on a checkout that lacks some of the runs this page names, rebuilding would silently drop
-    # their rows and table entries, so stop and say which are missing
+    # runs made before their records were kept in git are missing from later checkouts: rebuilding would silently
+    # drop their rows and table entries, so stop and say which are missing
     named = sorted(set(re.findall(r"`(runs/[^`]+?)/?`", Path("docs/results.md").read_text())))
     missing = [run for run in named if Path(run).parent.name in ("counterfact", "zsre", "fluency")
                and not (Path(run) / "summary.json").is_file() and "*" not in run]
