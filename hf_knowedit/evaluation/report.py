@@ -51,13 +51,16 @@ def find_summaries(paths: list[str | os.PathLike]) -> list[tuple[Path, dict]]:
 
 
 def _latest_checkpoint(summary: dict) -> dict:
-    """An interrupted sequential `every:K` run is shown at its last checkpoint (all cases edited so far)."""
+    """An interrupted sequential `every:K` run is shown at its last checkpoint (all cases edited so far), with the
+    edit seconds of that checkpoint (per case and in total) where it recorded them."""
     if summary["mode"] != "sequential" or summary.get("complete", True) or not summary.get("curve"):
         return summary
     point = max(summary["curve"], key=lambda p: p["num_edits"])
     efficiency = summary["efficiency"]
-    if "edit_seconds_per_case" in point:  # checkpoints written by earlier versions have none
-        efficiency = {**efficiency, "edit_seconds_per_case": point["edit_seconds_per_case"]}
+    seconds = point.get("edit_seconds_per_case")  # checkpoints written by earlier versions have none
+    if seconds is not None:
+        total = seconds["mean"] * seconds["n"] if seconds["mean"] is not None else 0.0
+        efficiency = {**efficiency, "edit_seconds_per_case": seconds, "edit_seconds_total": total}
     return {**summary, "metrics": {**summary["metrics"], "post": point["metrics"]}, "efficiency": efficiency,
             "num_completed": point["num_edits"], "shown_at_checkpoint": point["num_edits"],
             "edits_refused": point.get("edits_refused", summary.get("edits_refused"))}
