@@ -34,3 +34,15 @@ class BaseEditor:
 
     def compute_components(self, edited_model, requests: list[EditRequest]) -> dict[str, EditComponent]:
         raise NotImplementedError
+
+    @classmethod
+    def stream_state(cls, edited_model, edit_name: str) -> tuple[dict, dict]:
+        """What the method keeps between the calls of a sequential stream outside the edit `edit_name` itself, as
+        `(tensors, JSON metadata)` for :meth:`restore_stream_state`. The evaluation harness saves it with the edit at
+        each checkpoint of a sequential run, so that a stopped run resumes from the snapshot exactly as if it had not
+        stopped. Default: nothing (the edit's components and requests are the whole state)."""
+        return {}, {}
+
+    @classmethod
+    def restore_stream_state(cls, edited_model, edit_name: str, tensors: dict, meta: dict) -> None:
+        """Take back the state :meth:`stream_state` returned, for the edit `edit_name` just loaded from disk."""

@@ -15,6 +15,8 @@ A run writes into its output directory:
   many of those edits were refused, and their mean seconds per edit (a report shows a stream stopped before its end
   at its last checkpoint, seconds included).
 - `summary.json`: means with 95% confidence intervals, skip counts, refused edits, efficiency, versions.
+- `snapshots/at-<K>/` (sequential runs with `every:K`, while they are not complete): the edited state at the last
+  checkpoint (see `hf_knowedit.evaluation.snapshots`), deleted when the stream ends.
 
 Modes:
 
@@ -25,9 +27,12 @@ Modes:
   accumulating; scored per the schedule: `final` (every case after all edits), `immediate` (each chunk right after its
   edit) or `every:K` (all cases edited so far after every K edits; per-case records hold the final scores).
 
-Resuming: in `single` and `batch` modes the chunks whose cases all have records are skipped. In `sequential` mode the
-edits of the cases already scored (`immediate`) or of the last checkpoint (`every:K`) are recomputed without being
-scored again, to rebuild the model's state; a `final` run has nothing to resume but its pre-edit scores.
+Resuming: in `single` and `batch` modes the chunks whose cases all have records are skipped. In `sequential` mode with
+`every:K` the model's state at the last checkpoint is loaded from its snapshot (the edit, what the method keeps between
+calls, and the edits' seconds and refusals), and the stream goes on from there as if it had not stopped; edits that no
+snapshot holds (a run made before snapshots were written, a damaged snapshot) are recomputed without being scored
+again. With `immediate` the edits of the cases already scored are recomputed; a `final` run has nothing to resume but
+its pre-edit scores.
 
 Several processes (`accelerate launch --multi_gpu --num_processes N`, `torchrun --nproc_per_node N`): the harness
 joins the process group through accelerate's `PartialState` (NCCL on one GPU per process, gloo on CPU-only machines)
@@ -73,7 +78,7 @@ from pathlib import Path
 import torch
 
 from ..artifacts import file_sha256
-from ..config import build_config
+from ..config import build_config, get_editor_class
 from ..data import load_edit_dataset
 from ..devices import input_device
 from ..distributed import join_process_group, rank_and_world_size
@@ -85,6 +90,7 @@ from ..statistics import _sha256_json
 from ..utils import get_logger, tqdm, write_json
 from ..version import __version__
 from .probes import METRICS, ChatTemplateError, apply_chat_template, score_cases
+from .snapshots import delete_snapshots, latest_snapshot, load_snapshot, save_snapshot
 
 
 logger = get_logger(__name__)
@@ -649,13 +655,22 @@ def run_evaluation(
                 resume_edits += len(chunk)
         elif kind == "every" and curve:
             resume_edits = max(point["num_edits"] for point in curve)
-        if resume_edits:
-            logger.info("Resuming: recomputing the first %d edits without scoring them again", resume_edits)
         edit_times: dict[int, float] = {}
         applied = 0
+        editor_class = get_editor_class(config.edit_type)
+        if kind == "every" and resume_edits:
+            applied = _restore_snapshot(processes, output_dir, edited, editor_class, chunks, resume_edits,
+                                        edit_times, refusals)
+        if resume_edits > applied:
+            logger.info("Resuming: recomputing edits %d to %d without scoring them again", applied + 1, resume_edits)
         # the first checkpoint after the recomputed edits (not the first of the stream: that one is recorded already)
         next_checkpoint = (resume_edits // every + 1) * every if kind == "every" else None
+        next_snapshot = (applied // every + 1) * every if kind == "every" else None
+        restored, position = applied, 0
         for chunk_no, chunk in enumerate(chunks):
+            position += len(chunk)
+            if position <= restored:
+                continue  # its edit is in the snapshot
             if torch.cuda.is_available() and applied >= resume_edits:
                 torch.cuda.reset_peak_memory_stats()
             _seed(settings.seed + chunk_no)
@@ -664,6 +679,10 @@ def run_evaluation(
             edit_seconds = (time.perf_counter() - start) / len(chunk)
             applied += len(chunk)
             edit_times.update(dict.fromkeys(chunk, edit_seconds))
+            snapshot_due = kind == "every" and applied >= next_snapshot and applied < len(indices)
+            if snapshot_due and applied <= resume_edits:  # a recomputed checkpoint: its scores are recorded already
+                next_snapshot = _snapshot(processes, output_dir, edited, editor_class, indices[:applied],
+                                          edit_times, refusals, applied, every)
             if applied <= resume_edits:
                 continue
             if kind == "immediate":
@@ -679,6 +698,9 @@ def run_evaluation(
                     append_jsonl(curve_path, [_curve_point(applied, point, protocols, seconds)])
                     bar.update(applied - bar.n)
                     write_summary()
+                if snapshot_due:
+                    next_snapshot = _snapshot(processes, output_dir, edited, editor_class, indices[:applied],
+                                              edit_times, refusals, applied, every)
                 if applied == len(indices):
                     for record in point:
                         record["edit_seconds"] = edit_times[record["index"]]
@@ -695,9 +717,41 @@ def run_evaluation(
             bar.update(len(indices) - bar.n)
         if EDIT_NAME in edited.edit_names:  # absent when every edit was refused
             edited.delete_edit(EDIT_NAME)
+        processes.on_main(lambda: delete_snapshots(output_dir))
     bar.close()
 
     return processes.on_main(write_summary)
+
+
+def _restore_snapshot(processes, output_dir, edited, editor_class, chunks, resume_edits, edit_times,
+                      refusals) -> int:
+    """Install the latest snapshot (see `snapshots`) of a resumed `every:K` stream that ends on a chunk boundary at
+    or before its last checkpoint; return its number of edits (0 when none could be loaded on every process: then no
+    process keeps one, so that all of them recompute the same edits)."""
+    boundaries = {0}
+    for chunk in chunks:
+        boundaries.add(max(boundaries) + len(chunk))
+    at = processes.on_main(lambda: latest_snapshot(output_dir, resume_edits))
+    if at not in boundaries:  # another batch size cannot have made it; the settings forbid that anyway
+        at = 0
+    cases = [i for chunk in chunks for i in chunk][:at]
+    restored = load_snapshot(output_dir, at, edited, EDIT_NAME, editor_class, cases) if at else None
+    if not all(processes._all_gather(restored is not None)):
+        if restored is not None and EDIT_NAME in edited.edit_names:
+            edited.delete_edit(EDIT_NAME)
+        return 0
+    seconds, refused = restored
+    edit_times.update(seconds)
+    refusals.update(refused)
+    logger.info("Resuming from the snapshot after %d edits", at)
+    return at
+
+
+def _snapshot(processes, output_dir, edited, editor_class, cases, edit_times, refusals, applied, every) -> int:
+    """Write the snapshot after the edits of `cases` (main process); return the number of edits of the next one."""
+    processes.on_main(lambda: save_snapshot(output_dir, edited, EDIT_NAME, editor_class, cases, edit_times,
+                                            refusals))
+    return (applied // every + 1) * every
 
 
 def _read_and_rewrite(path: Path) -> dict[int, dict]:

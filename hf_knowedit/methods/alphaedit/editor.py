@@ -2,6 +2,8 @@ import weakref
 
 import torch
 
+from ...devices import input_device
+from ...errors import ArtifactError
 from ...locate import compute_subject_keys, null_space_update
 from ...locate.spread import ResidualSpreadEditor
 from .config import AlphaEditConfig
@@ -42,7 +44,8 @@ class AlphaEditEditor(ResidualSpreadEditor):
                 cache[id(request)] = (request, key)
         if not requests:
             return None
-        keys = torch.stack([cache[id(r)][1] for r in requests]).double()
+        device = cache[id(requests[0])][1].device
+        keys = torch.stack([cache[id(r)][1].to(device) for r in requests]).double()
         return keys.T @ keys
 
     def edit(self, edited_model, requests, layers, prefixes):
@@ -63,3 +66,30 @@ class AlphaEditEditor(ResidualSpreadEditor):
         cache = self._cache(edited_model, layer, self._prefixes)
         for request, key in zip(requests, keys):
             cache[id(request)] = (request, key)
+
+    @classmethod
+    def stream_state(cls, edited_model, edit_name):
+        """The cached keys of the edit's requests (`K_p` is made of them), one `(num_requests, d_k)` tensor per layer
+        and prefix set: keys recomputed on the edited model after a reload would differ from those of edit time."""
+        requests = edited_model.get_edit(edit_name).requests
+        tensors, entries = {}, []
+        for (layer, prefixes), cache in _EDITED_KEYS.get(edited_model, {}).items():
+            if requests and all(id(r) in cache for r in requests):
+                tensors[f"keys.{len(entries)}"] = torch.stack([cache[id(r)][1].cpu() for r in requests]).contiguous()
+                entries.append({"layer": layer, "prefixes": list(prefixes)})
+        return tensors, {"keys": entries}
+
+    @classmethod
+    def restore_stream_state(cls, edited_model, edit_name, tensors, meta):
+        requests = edited_model.get_edit(edit_name).requests
+        device = input_device(edited_model)
+        for number, entry in enumerate(meta.get("keys", [])):
+            keys = tensors.get(f"keys.{number}")
+            if keys is None or len(keys) != len(requests):
+                raise ArtifactError(
+                    f"The saved AlphaEdit keys #{number} do not match the {len(requests)} requests of edit "
+                    f"{edit_name!r}; the snapshot is damaged: delete it to recompute the edits."
+                )
+            cache = _EDITED_KEYS.setdefault(edited_model, {}).setdefault((entry["layer"], tuple(entry["prefixes"])), {})
+            for request, key in zip(requests, keys):
+                cache[id(request)] = (request, key.to(device))

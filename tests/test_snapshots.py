@@ -1,0 +1,134 @@
+"""Snapshots of sequential runs: a stopped stream resumes from its last checkpoint without recomputing its edits."""
+
+import json
+
+import pytest
+import torch
+
+from hf_knowedit.edited_model import EditedModel
+from hf_knowedit.evaluation import run_evaluation
+from hf_knowedit.evaluation.snapshots import SNAPSHOTS_DIR, latest_snapshot, load_snapshot, save_snapshot
+from hf_knowedit.methods.alphaedit.editor import AlphaEditEditor
+from hf_knowedit.methods.ft.editor import FTEditor
+
+from .helpers import curve_scores
+from .test_evaluation import _records, _settings, dataset  # noqa: F401  (the dataset fixture)
+from .test_locate_then_edit import REQUESTS, fast_config, sharpened_model
+from .tiny_models import tiny_model, tiny_tokenizer
+
+
+def _run(settings, output):
+    return run_evaluation(settings, output, model=tiny_model("llama"), tokenizer=tiny_tokenizer())
+
+
+class _Stop(RuntimeError):
+    pass
+
+
+def _counting_editor(monkeypatch, stop_at_subject=None):
+    """Count FT's edits; raise `_Stop` (a run killed part-way) when the edit of `stop_at_subject` comes."""
+    compute = FTEditor.compute_components
+    subjects = []
+
+    def counted(self, edited_model, requests):
+        subjects.extend(r.subject for r in requests)
+        if stop_at_subject in [r.subject for r in requests]:
+            raise _Stop("stopped")
+        return compute(self, edited_model, requests)
+
+    monkeypatch.setattr(FTEditor, "compute_components", counted)
+    return subjects
+
+
+def _post_scores(output):
+    return {r["index"]: r["post"]["scores"] for r in _records(output)}
+
+
+def test_stopped_stream_resumes_from_its_snapshot_as_if_it_had_not_stopped(dataset, tmp_path, monkeypatch):  # noqa: F811
+    settings = _settings(dataset, "sequential", 1, "every:2")
+    complete = _run(settings, tmp_path / "complete")
+    assert not (tmp_path / "complete" / SNAPSHOTS_DIR).exists()  # a finished stream keeps no snapshot
+
+    output = tmp_path / "stopped"
+    with monkeypatch.context() as patch:
+        edited_subjects = _counting_editor(patch, stop_at_subject="Danielle Darrieux")  # the 4th edit
+        with pytest.raises(_Stop):
+            _run(settings, output)
+    assert len(edited_subjects) == 4
+    assert latest_snapshot(output, 10) == 2 and sorted(p.name for p in (output / SNAPSHOTS_DIR).iterdir()) == ["at-2"]
+    progress = json.loads((output / SNAPSHOTS_DIR / "at-2" / "progress.json").read_text())
+    assert [c["index"] for c in progress["cases"]] == [0, 1] and progress["edit"] == "evaluation"
+
+    with monkeypatch.context() as patch:
+        edited_subjects = _counting_editor(patch)
+        resumed = _run(settings, output)
+    assert edited_subjects == ["Ada Lovelace", "Danielle Darrieux", "Leonardo da Vinci"]  # not the first two again
+    assert curve_scores(resumed["curve"]) == curve_scores(complete["curve"])
+    assert _post_scores(output) == _post_scores(tmp_path / "complete")
+    # the first checkpoint's seconds are those timed before the stop, kept by the snapshot
+    seconds = {c["index"]: c["edit_seconds"] for c in progress["cases"]}
+    assert {r["index"]: r["edit_seconds"] for r in _records(output) if r["index"] < 2} == seconds
+    assert not (output / SNAPSHOTS_DIR).exists()
+
+
+def test_snapshots_are_written_while_edits_are_recomputed_and_a_damaged_one_is_ignored(dataset, tmp_path,  # noqa: F811
+                                                                                      monkeypatch):
+    """A run stopped after its checkpoint at 4 edits, with no snapshot (made before snapshots were written):
+    resuming recomputes the 4 edits, writing the snapshots at 2 and 4 on the way, so a second stop loses nothing."""
+    settings = _settings(dataset, "sequential", 1, "every:2")
+    complete = _run(settings, tmp_path / "complete")
+    output = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        _counting_editor(patch, stop_at_subject="Leonardo da Vinci")  # the 5th edit
+        with pytest.raises(_Stop):
+            _run(settings, output)
+    (output / SNAPSHOTS_DIR / "at-4" / "edit" / "evaluation" / "edit_weights.safetensors").write_bytes(b"damaged")
+    with monkeypatch.context() as patch:
+        edited_subjects = _counting_editor(patch, stop_at_subject="Leonardo da Vinci")
+        with pytest.raises(_Stop):
+            _run(settings, output)  # the damaged snapshot is ignored: all 4 edits recomputed, then the 5th stops
+    assert len(edited_subjects) == 5
+    assert latest_snapshot(output, 10) == 4
+    with monkeypatch.context() as patch:
+        edited_subjects = _counting_editor(patch)
+        resumed = _run(settings, output)
+    assert edited_subjects == ["Leonardo da Vinci"]
+    assert curve_scores(resumed["curve"]) == curve_scores(complete["curve"])
+    assert _post_scores(output) == _post_scores(tmp_path / "complete")
+
+
+def test_a_snapshot_that_does_not_match_the_run_is_not_loaded(tmp_path):
+    edited = EditedModel(tiny_model("llama"), tiny_tokenizer())
+    assert load_snapshot(tmp_path, 2, edited, "evaluation", FTEditor, [0, 1]) is None  # none there
+    (tmp_path / SNAPSHOTS_DIR / "at-2").mkdir(parents=True)
+    (tmp_path / SNAPSHOTS_DIR / "at-2" / "progress.json").write_text(json.dumps(
+        {"num_edits": 2, "edit": None, "cases": [{"index": 5, "edit_seconds": 1.0, "edit_refused": None}] * 2,
+         "method_state": {}}))
+    assert load_snapshot(tmp_path, 2, edited, "evaluation", FTEditor, [0, 1]) is None
+    assert edited.edit_names == []
+    (tmp_path / SNAPSHOTS_DIR / "at-3.partial").mkdir()  # an interrupted write is never taken
+    assert latest_snapshot(tmp_path, 10) == 2
+
+
+@pytest.mark.usefixtures("isolated_statistics_cache")
+def test_alphaedit_stream_continues_from_a_snapshot_exactly(tmp_path):
+    """AlphaEdit keeps the keys of the edited requests at edit time (its `K_p`); the snapshot keeps them too, so
+    edits made after a reload equal those made without one, bit for bit."""
+    config = fast_config("alphaedit")
+    live = EditedModel(sharpened_model("llama"), tiny_tokenizer())
+    live.add_edits(config, REQUESTS[:2], edit_name="stream")
+    live.add_edits(config, REQUESTS[2:3], edit_name="stream")
+    save_snapshot(tmp_path, live, "stream", AlphaEditEditor, [0, 1, 2], {0: 1.0, 1: 1.0, 2: 2.0},
+                  {0: None, 1: None, 2: None})
+    reloaded = EditedModel(sharpened_model("llama"), tiny_tokenizer())
+    seconds, refusals = load_snapshot(tmp_path, 3, reloaded, "stream", AlphaEditEditor, [0, 1, 2])
+    assert seconds == {0: 1.0, 1: 1.0, 2: 2.0} and refusals == {0: None, 1: None, 2: None}
+    live_state, _ = AlphaEditEditor.stream_state(live, "stream")
+    reloaded_state, meta = AlphaEditEditor.stream_state(reloaded, "stream")
+    assert len(meta["keys"]) == len(config.default_layers(live.layout))
+    assert all(torch.equal(live_state[name], reloaded_state[name]) for name in live_state)
+    for model in (live, reloaded):
+        model.add_edits(config, REQUESTS[3:5], edit_name="stream")
+    for path, components in live.get_edit("stream").components.items():
+        again = reloaded.get_edit("stream").components[path]
+        assert all(torch.equal(a.delta_weight(), b.delta_weight()) for a, b in zip(components, again, strict=True))
