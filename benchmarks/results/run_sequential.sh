@@ -4,7 +4,8 @@
 # the last checkpoint being the scores after all N.
 # Usage: [N=500] [SCHEDULE=every:100] [PROTOCOLS=token_accuracy,prob_comparison] [DATASETS="counterfact zsre"] [METHODS="name:config ..."] [WAIT=pid]
 #        benchmarks/results/run_sequential.sh
-# Outputs: runs/<dataset>/<name>_sequential<N>; a run stopped part-way resumes from its last checkpoint.
+# Outputs: runs/<dataset>/<name>_sequential<N>; a run stopped part-way resumes from the snapshot of its last checkpoint
+# (runs/.../snapshots/, kept in git while the stream is not complete, so that another checkout goes on from it).
 source "$(dirname "$0")/common.sh"
 N=${N:-500}
 SIDE_MEMORY="serac:editing_configs/serac/llama.json ike:editing_configs/ike/counterfact.json calinet:editing_configs/calinet/default.json grace:editing_configs/grace/default.json tpatcher:editing_configs/tpatcher/default.json"
