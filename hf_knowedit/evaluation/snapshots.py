@@ -13,7 +13,9 @@ A snapshot is written under a `.partial` name and renamed when complete, and the
 interruption leaves either the new snapshot or the previous one. A resumed run loads the latest snapshot at or before
 its last scored checkpoint and recomputes only the edits after it; since every chunk is seeded by its number, the
 stream goes on as if it had never stopped. A snapshot that cannot be loaded is reported and ignored (the edits are then
-recomputed). When the stream is complete the snapshots are deleted.
+recomputed). When the stream is complete the snapshots are deleted. Under several processes the main process writes
+the snapshots and picks the one to resume from, and every process loads it from the run's folder (so the processes
+must see the same folder, as on one machine); if any of them cannot, none keeps it and all recompute the edits.
 """
 
 import json
