@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from hf_knowedit.config import build_config
 from hf_knowedit.edited_model import EditedModel
 from hf_knowedit.evaluation import run_evaluation
 from hf_knowedit.evaluation.snapshots import SNAPSHOTS_DIR, latest_snapshot, load_snapshot, save_snapshot
@@ -106,8 +107,26 @@ def test_a_snapshot_that_does_not_match_the_run_is_not_loaded(tmp_path):
          "method_state": {}}))
     assert load_snapshot(tmp_path, 2, edited, "evaluation", FTEditor, [0, 1]) is None
     assert edited.edit_names == []
-    (tmp_path / SNAPSHOTS_DIR / "at-3.partial").mkdir()  # an interrupted write is never taken
+    (tmp_path / SNAPSHOTS_DIR / ".at-3.tmp-x").mkdir()  # the staging folder of an interrupted write is never taken
     assert latest_snapshot(tmp_path, 10) == 2
+
+
+def test_a_failed_snapshot_write_keeps_the_previous_one_and_leaves_nothing_half_written(tmp_path, monkeypatch):
+    edited = EditedModel(tiny_model("llama"), tiny_tokenizer())
+    edited.add_edits(build_config("ft", {"num_steps": 1}), {"prompt": "{} is in", "subject": "Atlantis",
+                                                            "target_new": "Paris"}, edit_name="evaluation")
+    save_snapshot(tmp_path, edited, "evaluation", FTEditor, [0], {0: 1.0}, {0: None})
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+
+    def failing(cls, edited_model, edit_name):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(FTEditor, "stream_state", classmethod(failing))
+    with pytest.raises(OSError, match="disk full"):
+        save_snapshot(tmp_path, edited, "evaluation", FTEditor, [0, 1], {0: 1.0, 1: 1.0}, {0: None, 1: None})
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert load_snapshot(tmp_path, 1, EditedModel(tiny_model("llama"), tiny_tokenizer()), "evaluation", FTEditor,
+                         [0]) == ({0: 1.0}, {0: None})
 
 
 @pytest.mark.usefixtures("isolated_statistics_cache")

@@ -64,6 +64,7 @@ SHA-256 and an example prompt; a tokenizer without a chat template raises `ChatT
 """
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -659,13 +660,12 @@ def run_evaluation(
         applied = 0
         editor_class = get_editor_class(config.edit_type)
         if kind == "every" and resume_edits:
-            applied = _restore_snapshot(processes, output_dir, edited, editor_class, chunks, resume_edits,
+            applied = _restore_snapshot(processes, output_dir, edited, editor_class, chunks, indices, resume_edits,
                                         edit_times, refusals)
         if resume_edits > applied:
             logger.info("Resuming: recomputing edits %d to %d without scoring them again", applied + 1, resume_edits)
         # the first checkpoint after the recomputed edits (not the first of the stream: that one is recorded already)
         next_checkpoint = (resume_edits // every + 1) * every if kind == "every" else None
-        next_snapshot = (applied // every + 1) * every if kind == "every" else None
         restored, position = applied, 0
         for chunk_no, chunk in enumerate(chunks):
             position += len(chunk)
@@ -679,11 +679,12 @@ def run_evaluation(
             edit_seconds = (time.perf_counter() - start) / len(chunk)
             applied += len(chunk)
             edit_times.update(dict.fromkeys(chunk, edit_seconds))
-            snapshot_due = kind == "every" and applied >= next_snapshot and applied < len(indices)
-            if snapshot_due and applied <= resume_edits:  # a recomputed checkpoint: its scores are recorded already
-                next_snapshot = _snapshot(processes, output_dir, edited, editor_class, indices[:applied],
-                                          edit_times, refusals, applied, every)
+            # the chunk crossed a checkpoint (a recomputed one too): snapshot the state once it is scored
+            snapshot_due = (kind == "every" and applied // every > (applied - len(chunk)) // every
+                            and applied < len(indices))
             if applied <= resume_edits:
+                if snapshot_due:
+                    _snapshot(processes, output_dir, edited, editor_class, indices[:applied], edit_times, refusals)
                 continue
             if kind == "immediate":
                 records = score_shared(chunk, chunk_no, edit_seconds, applied)
@@ -699,8 +700,7 @@ def run_evaluation(
                     bar.update(applied - bar.n)
                     write_summary()
                 if snapshot_due:
-                    next_snapshot = _snapshot(processes, output_dir, edited, editor_class, indices[:applied],
-                                              edit_times, refusals, applied, every)
+                    _snapshot(processes, output_dir, edited, editor_class, indices[:applied], edit_times, refusals)
                 if applied == len(indices):
                     for record in point:
                         record["edit_seconds"] = edit_times[record["index"]]
@@ -723,19 +723,15 @@ def run_evaluation(
     return processes.on_main(write_summary)
 
 
-def _restore_snapshot(processes, output_dir, edited, editor_class, chunks, resume_edits, edit_times,
+def _restore_snapshot(processes, output_dir, edited, editor_class, chunks, indices, resume_edits, edit_times,
                       refusals) -> int:
     """Install the latest snapshot (see `snapshots`) of a resumed `every:K` stream that ends on a chunk boundary at
     or before its last checkpoint; return its number of edits (0 when none could be loaded on every process: then no
     process keeps one, so that all of them recompute the same edits)."""
-    boundaries = {0}
-    for chunk in chunks:
-        boundaries.add(max(boundaries) + len(chunk))
     at = processes.on_main(lambda: latest_snapshot(output_dir, resume_edits))
-    if at not in boundaries:  # another batch size cannot have made it; the settings forbid that anyway
+    if at not in itertools.accumulate(len(chunk) for chunk in chunks):  # another batch size made it (settings forbid)
         at = 0
-    cases = [i for chunk in chunks for i in chunk][:at]
-    restored = load_snapshot(output_dir, at, edited, EDIT_NAME, editor_class, cases) if at else None
+    restored = load_snapshot(output_dir, at, edited, EDIT_NAME, editor_class, indices[:at]) if at else None
     if not all(processes._all_gather(restored is not None)):
         if restored is not None and EDIT_NAME in edited.edit_names:
             edited.delete_edit(EDIT_NAME)
@@ -747,11 +743,10 @@ def _restore_snapshot(processes, output_dir, edited, editor_class, chunks, resum
     return at
 
 
-def _snapshot(processes, output_dir, edited, editor_class, cases, edit_times, refusals, applied, every) -> int:
-    """Write the snapshot after the edits of `cases` (main process); return the number of edits of the next one."""
+def _snapshot(processes, output_dir, edited, editor_class, cases, edit_times, refusals) -> None:
+    """Write the snapshot after the edits of `cases` (main process)."""
     processes.on_main(lambda: save_snapshot(output_dir, edited, EDIT_NAME, editor_class, cases, edit_times,
                                             refusals))
-    return (applied // every + 1) * every
 
 
 def _read_and_rewrite(path: Path) -> dict[int, dict]:

@@ -9,13 +9,14 @@ At every checkpoint of an `every:K` stream the harness writes `snapshots/at-<num
 - `progress.json`: the case indices edited so far, with each one's edit seconds and refusal, and the method state's
   metadata.
 
-A snapshot is written under a `.partial` name and renamed when complete, and the older ones are then deleted, so an
-interruption leaves either the new snapshot or the previous one. A resumed run loads the latest snapshot at or before
-its last scored checkpoint and recomputes only the edits after it; since every chunk is seeded by its number, the
-stream goes on as if it had never stopped. A snapshot that cannot be loaded is reported and ignored (the edits are then
-recomputed). When the stream is complete the snapshots are deleted. Under several processes the main process writes
-the snapshots and picks the one to resume from, and every process loads it from the run's folder (so the processes
-must see the same folder, as on one machine); if any of them cannot, none keeps it and all recompute the edits.
+A snapshot is written into a staging folder and renamed when complete (`hub.atomic_directory`), and the older ones are
+then deleted, so an interruption leaves either the new snapshot or the previous one. A resumed run loads the latest
+snapshot at or before its last scored checkpoint and recomputes only the edits after it; since every chunk is seeded by
+its number, the stream goes on as if it had never stopped. A snapshot that cannot be loaded is reported and ignored (the
+edits are then recomputed). When the stream is complete the snapshots are deleted. Under several processes the main
+process writes the snapshots and picks the one to resume from, and every process loads it from the run's folder (so the
+processes must see the same folder, as on one machine); if any of them cannot, none keeps it and all recompute the
+edits.
 """
 
 import json
@@ -25,6 +26,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from ..errors import KnowEditError
+from ..hub import atomic_directory
 from ..utils import get_logger, write_json
 
 
@@ -56,33 +58,23 @@ def latest_snapshot(output_dir, max_edits: int) -> int:
 
 def save_snapshot(output_dir, edited, edit_name: str, editor_class, case_indices: list[int],
                   edit_seconds: dict[int, float], refusals: dict[int, str | None]) -> Path:
-    """Write the snapshot after the edits of `case_indices`, then delete the older snapshots."""
-    root = Path(output_dir) / SNAPSHOTS_DIR
-    final = root / f"{_PREFIX}{len(case_indices)}"
-    partial = root / f"{final.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
+    """Write the snapshot after the edits of `case_indices` (atomically), then delete the older snapshots."""
+    final = Path(output_dir) / SNAPSHOTS_DIR / f"{_PREFIX}{len(case_indices)}"
+    with atomic_directory(final) as staging:
         has_edit = edit_name in edited.edit_names
         meta = {}
         if has_edit:
-            edited.save_pretrained(partial / EDIT_DIR, edit_names=[edit_name])
+            edited.save_pretrained(staging / EDIT_DIR, edit_names=[edit_name])
             tensors, meta = editor_class.stream_state(edited, edit_name)
             if tensors:
-                save_file(tensors, str(partial / METHOD_STATE_NAME))
-        write_json(partial / PROGRESS_NAME, {
-            "num_edits": len(case_indices),
+                save_file(tensors, str(staging / METHOD_STATE_NAME))
+        write_json(staging / PROGRESS_NAME, {
             "edit": edit_name if has_edit else None,
             "cases": [{"index": i, "edit_seconds": edit_seconds[i], "edit_refused": refusals[i]} for i in case_indices],
             "method_state": meta,
         })
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     for path in _snapshot_dirs(output_dir).values():
-        if path != final:
+        if path.name != final.name:
             shutil.rmtree(path, ignore_errors=True)
     return final
 
@@ -100,7 +92,7 @@ def load_snapshot(output_dir, num_edits: int, edited, edit_name: str, editor_cla
     try:
         progress = json.loads((path / PROGRESS_NAME).read_text())
         cases = progress["cases"]
-        if [c["index"] for c in cases] != list(case_indices) or progress["num_edits"] != num_edits:
+        if [c["index"] for c in cases] != list(case_indices):
             raise KnowEditError(f"its cases are not the first {num_edits} of this run")
         if progress["edit"] is not None:
             edited.load_edit(path / EDIT_DIR, edit_name=edit_name)
