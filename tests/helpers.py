@@ -1,4 +1,5 @@
-"""Helpers shared by the edit tests: requests, forward passes, target probabilities and snapshots of a model."""
+"""Helpers shared by the tests: requests, forward passes, target probabilities, snapshots of a model, and FT edits
+counted (or stopped part-way) in evaluation runs."""
 
 import os
 from pathlib import Path
@@ -6,6 +7,7 @@ from pathlib import Path
 import torch
 
 from hf_knowedit import EditRequest, FTConfig
+from hf_knowedit.methods.ft.editor import FTEditor
 
 from .tiny_models import tiny_model, tiny_tokenizer
 
@@ -118,3 +120,22 @@ class Snapshot:
 def curve_scores(curve: list[dict]) -> list[dict]:
     """A sequential run's checkpoints without their edit seconds, which are timed anew by every run."""
     return [{key: value for key, value in point.items() if key != "edit_seconds_per_case"} for point in curve]
+
+
+class StopRun(RuntimeError):
+    """Raised by `counting_editor`'s FT: an evaluation run killed part-way."""
+
+
+def counting_editor(monkeypatch, stop_at_subject=None):
+    """Count FT's edits; raise `StopRun` (a run killed part-way) when the edit of `stop_at_subject` comes."""
+    compute = FTEditor.compute_components
+    subjects = []
+
+    def counted(self, edited_model, requests):
+        subjects.extend(r.subject for r in requests)
+        if stop_at_subject in [r.subject for r in requests]:
+            raise StopRun("stopped")
+        return compute(self, edited_model, requests)
+
+    monkeypatch.setattr(FTEditor, "compute_components", counted)
+    return subjects

@@ -7,12 +7,14 @@ The second-moment statistics under both launchers are tested in `test_statistics
 import json
 import textwrap
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from hf_knowedit.cli import main
+from hf_knowedit.evaluation.snapshots import SNAPSHOTS_DIR, latest_snapshot
 
-from .helpers import curve_scores
+from .helpers import StopRun, counting_editor, curve_scores
 from .launchers import launch
 from .test_evaluation import CASES
 from .tiny_models import tiny_model, tiny_tokenizer
@@ -26,13 +28,26 @@ EVALUATE_SCRIPT = textwrap.dedent(
     import torch.distributed as dist
 
     from hf_knowedit.cli import main
-    from hf_knowedit.distributed import join_process_group
+    from hf_knowedit.distributed import join_process_group, rank_and_world_size
     from hf_knowedit.edited_model import EditedModel
+    from hf_knowedit.methods.ft.editor import FTEditor
 
     runs, failing, report = json.loads(sys.argv[1])
+    compute, subjects = FTEditor.compute_components, []
+
+    def counted(self, edited_model, requests):  # the subjects this process edits, reported per run
+        subjects.extend(r.subject for r in requests)
+        return compute(self, edited_model, requests)
+
+    FTEditor.compute_components = counted
+    edits = []
     for argv in runs:
+        subjects.clear()
         assert main(argv) == 0, argv
+        edits.append(list(subjects))
     if failing is None:
+        with open(f"{report}.{rank_and_world_size()[0]}", "w") as handle:
+            json.dump(edits, handle)
         sys.exit(0)
 
     # An edit that fails on process 1 only: both processes stop, none waits for the other. (A launch of its own: after
@@ -67,7 +82,7 @@ def _jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_evaluation_in_two_processes_equals_one(tmp_path):
+def test_evaluation_in_two_processes_equals_one(tmp_path, monkeypatch):
     model_dir, dataset = tmp_path / "model", tmp_path / "cases.jsonl"
     tiny_model("llama").save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
@@ -80,30 +95,43 @@ def test_evaluation_in_two_processes_equals_one(tmp_path):
             assert main(_evaluate_argv(model_dir, dataset, one / mode, mode)) == 0
         # an interrupted one-process batch run, resumed (and extended to 5 cases) by the two processes
         assert main(_evaluate_argv(model_dir, dataset, two / "batch", "batch", n=2)) == 0
+        # a one-process stream stopped at its 5th edit, after its checkpoint (and snapshot) at 4: the two processes
+        # both load the snapshot and make the 5th edit only
+        with monkeypatch.context() as patch:
+            counting_editor(patch, stop_at_subject="Leonardo da Vinci")
+            with pytest.raises(StopRun):
+                main(_evaluate_argv(model_dir, dataset, two / "resumed", "sequential"))
+        assert latest_snapshot(two / "resumed", 5) == 4
     finally:
         torch.set_num_threads(threads)
     script = tmp_path / "evaluate.py"
     script.write_text(EVALUATE_SCRIPT)
-    argvs = [_evaluate_argv(model_dir, dataset, two / mode, mode) for mode in MODES]
+    runs = {**MODES, "resumed": MODES["sequential"]}
+    argvs = [_evaluate_argv(model_dir, dataset, two / run, run if run in MODES else "sequential") for run in runs]
     failing = _evaluate_argv(model_dir, dataset, tmp_path / "failing", "batch")
-    result = launch("accelerate", script, json.dumps([argvs, None, None]))
-    assert result.stdout.count("Wrote ") == len(MODES)  # the main process reports; the other is silent
+    result = launch("accelerate", script, json.dumps([argvs, None, str(tmp_path / "edits")]))
+    assert result.stdout.count("Wrote ") == len(runs)  # the main process reports; the other is silent
     assert "2 processes" in result.stdout
+    for rank in (0, 1):
+        edits = dict(zip(runs, json.loads((tmp_path / f"edits.{rank}").read_text())))
+        assert len(edits["sequential"]) == 5 and edits["resumed"] == ["Leonardo da Vinci"]
+    assert not (two / "resumed" / SNAPSHOTS_DIR).exists()
     result = launch("accelerate", script, json.dumps([[], failing, str(tmp_path / "outcome")]))
     assert (tmp_path / "outcome.0").read_text() == "exit code 2"
     assert "error: Process 1 of 2 failed (RuntimeError: edit failed on process 1)" in result.stderr
     assert (tmp_path / "outcome.1").read_text() == "RuntimeError: edit failed on process 1"
 
-    for mode in MODES:
+    for run in runs:
+        mode = run if run in MODES else "sequential"  # the resumed stream equals the uninterrupted one
         # pre-edit scores: the same records in the same order (chunks of 2 cases, dealt to the processes)
-        assert _jsonl(two / mode / "pre.jsonl") == _jsonl(one / mode / "pre.jsonl")
-        records = {name: _jsonl(root / mode / "results.jsonl") for name, root in (("one", one), ("two", two))}
+        assert _jsonl(two / run / "pre.jsonl") == _jsonl(one / mode / "pre.jsonl")
+        records = {"one": _jsonl(one / mode / "results.jsonl"), "two": _jsonl(two / run / "results.jsonl")}
         assert [r["index"] for r in records["two"]] == [r["index"] for r in records["one"]] == [0, 1, 2, 3, 4]
         for a, b in zip(records["one"], records["two"]):
             for key in ("case_id", "chunk", "chunk_indices", "num_edits_applied", "pre", "post", "base_restored"):
-                assert a.get(key) == b.get(key), (mode, a["index"], key)
-        summaries = {name: json.loads((root / mode / "summary.json").read_text())
-                     for name, root in (("one", one), ("two", two))}
+                assert a.get(key) == b.get(key), (run, a["index"], key)
+        summaries = {"one": json.loads((one / mode / "summary.json").read_text()),
+                     "two": json.loads((two / run / "summary.json").read_text())}
         assert summaries["one"]["world_size"] == 1 and summaries["two"]["world_size"] == 2
         assert summaries["two"]["metrics"] == summaries["one"]["metrics"] and summaries["two"]["complete"]
         assert curve_scores(summaries["two"]["curve"]) == curve_scores(summaries["one"]["curve"])

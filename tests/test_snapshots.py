@@ -7,63 +7,51 @@ import torch
 
 from hf_knowedit.config import build_config
 from hf_knowedit.edited_model import EditedModel
-from hf_knowedit.evaluation import run_evaluation
+from hf_knowedit.evaluation import EvaluationSettingsError, run_evaluation
 from hf_knowedit.evaluation.snapshots import SNAPSHOTS_DIR, latest_snapshot, load_snapshot, save_snapshot
 from hf_knowedit.methods.alphaedit.editor import AlphaEditEditor
 from hf_knowedit.methods.ft.editor import FTEditor
 
-from .helpers import curve_scores
+from .helpers import StopRun, counting_editor, curve_scores
 from .test_evaluation import _records, _settings, dataset  # noqa: F401  (the dataset fixture)
 from .test_locate_then_edit import REQUESTS, fast_config, sharpened_model
 from .tiny_models import tiny_model, tiny_tokenizer
 
 
-def _run(settings, output):
-    return run_evaluation(settings, output, model=tiny_model("llama"), tokenizer=tiny_tokenizer())
-
-
-class _Stop(RuntimeError):
-    pass
-
-
-def _counting_editor(monkeypatch, stop_at_subject=None):
-    """Count FT's edits; raise `_Stop` (a run killed part-way) when the edit of `stop_at_subject` comes."""
-    compute = FTEditor.compute_components
-    subjects = []
-
-    def counted(self, edited_model, requests):
-        subjects.extend(r.subject for r in requests)
-        if stop_at_subject in [r.subject for r in requests]:
-            raise _Stop("stopped")
-        return compute(self, edited_model, requests)
-
-    monkeypatch.setattr(FTEditor, "compute_components", counted)
-    return subjects
+def _run(settings, output, **kwargs):
+    return run_evaluation(settings, output, model=tiny_model("llama"), tokenizer=tiny_tokenizer(), **kwargs)
 
 
 def _post_scores(output):
     return {r["index"]: r["post"]["scores"] for r in _records(output)}
 
 
-def test_stopped_stream_resumes_from_its_snapshot_as_if_it_had_not_stopped(dataset, tmp_path, monkeypatch):  # noqa: F811
-    settings = _settings(dataset, "sequential", 1, "every:2")
-    complete = _run(settings, tmp_path / "complete")
+@pytest.mark.parametrize("schedule, snapshot_every", [("every:2", None), ("immediate", 2), ("final", 2)])
+def test_stopped_stream_resumes_from_its_snapshot_as_if_it_had_not_stopped(dataset, tmp_path, monkeypatch,  # noqa: F811
+                                                                           schedule, snapshot_every):
+    """Stopped at its 4th edit, a stream of 5 resumes from its snapshot after 2 edits: with `immediate` the 3rd edit,
+    scored already, is recomputed without being scored again; with `final` nothing was scored."""
+    settings = _settings(dataset, "sequential", 1, schedule)
+    complete = _run(settings, tmp_path / "complete", snapshot_every=snapshot_every)
     assert not (tmp_path / "complete" / SNAPSHOTS_DIR).exists()  # a finished stream keeps no snapshot
 
     output = tmp_path / "stopped"
     with monkeypatch.context() as patch:
-        edited_subjects = _counting_editor(patch, stop_at_subject="Danielle Darrieux")  # the 4th edit
-        with pytest.raises(_Stop):
-            _run(settings, output)
+        edited_subjects = counting_editor(patch, stop_at_subject="Danielle Darrieux")  # the 4th edit
+        with pytest.raises(StopRun):
+            _run(settings, output, snapshot_every=snapshot_every)
     assert len(edited_subjects) == 4
+    scored_before_stop = [r["index"] for r in _records(output)] if (output / "results.jsonl").exists() else []
+    assert scored_before_stop == ([0, 1, 2] if schedule == "immediate" else [])
     assert latest_snapshot(output, 10) == 2 and sorted(p.name for p in (output / SNAPSHOTS_DIR).iterdir()) == ["at-2"]
     progress = json.loads((output / SNAPSHOTS_DIR / "at-2" / "progress.json").read_text())
     assert [c["index"] for c in progress["cases"]] == [0, 1] and progress["edit"] == "evaluation"
 
     with monkeypatch.context() as patch:
-        edited_subjects = _counting_editor(patch)
-        resumed = _run(settings, output)
+        edited_subjects = counting_editor(patch)
+        resumed = _run(settings, output, snapshot_every=snapshot_every)
     assert edited_subjects == ["Ada Lovelace", "Danielle Darrieux", "Leonardo da Vinci"]  # not the first two again
+    assert sorted(r["index"] for r in _records(output)) == [0, 1, 2, 3, 4]  # each case recorded once
     assert curve_scores(resumed["curve"]) == curve_scores(complete["curve"])
     assert _post_scores(output) == _post_scores(tmp_path / "complete")
     # the first checkpoint's seconds are those timed before the stop, kept by the snapshot
@@ -80,18 +68,18 @@ def test_snapshots_are_written_while_edits_are_recomputed_and_a_damaged_one_is_i
     complete = _run(settings, tmp_path / "complete")
     output = tmp_path / "run"
     with monkeypatch.context() as patch:
-        _counting_editor(patch, stop_at_subject="Leonardo da Vinci")  # the 5th edit
-        with pytest.raises(_Stop):
+        counting_editor(patch, stop_at_subject="Leonardo da Vinci")  # the 5th edit
+        with pytest.raises(StopRun):
             _run(settings, output)
     (output / SNAPSHOTS_DIR / "at-4" / "edit" / "evaluation" / "edit_weights.safetensors").write_bytes(b"damaged")
     with monkeypatch.context() as patch:
-        edited_subjects = _counting_editor(patch, stop_at_subject="Leonardo da Vinci")
-        with pytest.raises(_Stop):
+        edited_subjects = counting_editor(patch, stop_at_subject="Leonardo da Vinci")
+        with pytest.raises(StopRun):
             _run(settings, output)  # the damaged snapshot is ignored: all 4 edits recomputed, then the 5th stops
     assert len(edited_subjects) == 5
     assert latest_snapshot(output, 10) == 4
     with monkeypatch.context() as patch:
-        edited_subjects = _counting_editor(patch)
+        edited_subjects = counting_editor(patch)
         resumed = _run(settings, output)
     assert edited_subjects == ["Leonardo da Vinci"]
     assert curve_scores(resumed["curve"]) == curve_scores(complete["curve"])
@@ -127,6 +115,28 @@ def test_a_failed_snapshot_write_keeps_the_previous_one_and_leaves_nothing_half_
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     assert load_snapshot(tmp_path, 1, EditedModel(tiny_model("llama"), tiny_tokenizer()), "evaluation", FTEditor,
                          [0]) == ({0: 1.0}, {0: None})
+
+
+def test_snapshot_interval_is_checked_before_the_run_starts(dataset, tmp_path):  # noqa: F811
+    for settings, value, message in [
+        (_settings(dataset, "batch", 2), 2, "applies to mode 'sequential'"),
+        (_settings(dataset, "sequential", 1, "every:2"), 3, "must be a multiple of 2"),
+        (_settings(dataset, "sequential", 1, "immediate"), -1, "non-negative integer"),
+    ]:
+        with pytest.raises(EvaluationSettingsError, match=message):
+            _run(settings, tmp_path / "run", snapshot_every=value)
+        assert not (tmp_path / "run").exists()
+
+
+def test_no_snapshots_when_snapshot_every_is_0(dataset, tmp_path, monkeypatch):  # noqa: F811
+    settings = _settings(dataset, "sequential", 1, "every:2")
+    with monkeypatch.context() as patch:
+        counting_editor(patch, stop_at_subject="Leonardo da Vinci")  # the 5th edit, after the checkpoint at 4
+        with pytest.raises(StopRun):
+            _run(settings, tmp_path / "run", snapshot_every=0)
+    assert [json.loads(line)["num_edits"] for line in (tmp_path / "run" / "curve.jsonl").read_text().splitlines()] \
+        == [2, 4]
+    assert not (tmp_path / "run" / SNAPSHOTS_DIR).exists()
 
 
 @pytest.mark.usefixtures("isolated_statistics_cache")

@@ -48,6 +48,10 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
                         help="accelerate device map for loading the model, e.g. 'auto' (layers spread over the GPUs, "
                              "the rest offloaded to CPU); default: one device.")
     parser.add_argument("--scorer-batch-size", type=int, default=32, help="Prompts per scoring forward pass.")
+    parser.add_argument("--snapshot-every", type=int, default=None, metavar="N",
+                        help="Sequential mode: snapshot the edited state every N edits, for a stopped run to resume "
+                             "from (default: every checkpoint of every:K, every 100 edits otherwise; 0: none; with "
+                             "every:K a multiple of K).")
     parser.add_argument("--output", required=True, help="Output directory.")
     parser.add_argument("--overwrite", action="store_true",
                         help="Delete the run in --output and start afresh (needed when its settings differ).")
@@ -84,7 +88,7 @@ def run_evaluate_command(args) -> int:
         device_map=args.device_map,
     )
     summary = run_evaluation(settings, args.output, overwrite=args.overwrite,
-                             scorer_batch_size=args.scorer_batch_size)
+                             scorer_batch_size=args.scorer_batch_size, snapshot_every=args.snapshot_every)
     if rank_and_world_size()[0] != 0:
         return 0  # the main process reports
     processes = f", {summary['world_size']} processes" if summary["world_size"] > 1 else ""

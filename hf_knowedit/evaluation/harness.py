@@ -15,8 +15,9 @@ A run writes into its output directory:
   many of those edits were refused, and their mean seconds per edit (a report shows a stream stopped before its end
   at its last checkpoint, seconds included).
 - `summary.json`: means with 95% confidence intervals, skip counts, refused edits, efficiency, versions.
-- `snapshots/at-<K>/` (sequential runs with `every:K`, while they are not complete): the edited state at the last
-  checkpoint (see `hf_knowedit.evaluation.snapshots`), deleted when the stream ends.
+- `snapshots/at-<N>/` (sequential runs, while they are not complete): the edited state after the last N edits
+  snapshotted (see `hf_knowedit.evaluation.snapshots`; `snapshot_every` of `run_evaluation` says when), deleted when
+  the stream ends.
 
 Modes:
 
@@ -27,12 +28,12 @@ Modes:
   accumulating; scored per the schedule: `final` (every case after all edits), `immediate` (each chunk right after its
   edit) or `every:K` (all cases edited so far after every K edits; per-case records hold the final scores).
 
-Resuming: in `single` and `batch` modes the chunks whose cases all have records are skipped. In `sequential` mode with
-`every:K` the model's state at the last checkpoint is loaded from its snapshot (the edit, what the method keeps between
-calls, and the edits' seconds and refusals), and the stream goes on from there as if it had not stopped; edits that no
-snapshot holds (a run made before snapshots were written, a damaged snapshot) are recomputed without being scored
-again. With `immediate` the edits of the cases already scored are recomputed; a `final` run has nothing to resume but
-its pre-edit scores.
+Resuming: in `single` and `batch` modes the chunks whose cases all have records are skipped. In `sequential` mode the
+model's state is loaded from the latest snapshot that holds no edit whose scores are owed (with `every:K`, the last
+checkpoint's; with `immediate`, one at or before the last chunk scored; with `final`, any): the edit, what the method
+keeps between calls, and the edits' seconds and refusals. The stream goes on from there as if it had not stopped;
+edits scored already that no snapshot holds (a run made before snapshots were written, a damaged snapshot, the edits
+after the last snapshot of an `immediate` stream) are recomputed without being scored again.
 
 Several processes (`accelerate launch --multi_gpu --num_processes N`, `torchrun --nproc_per_node N`): the harness
 joins the process group through accelerate's `PartialState` (NCCL on one GPU per process, gloo on CPU-only machines)
@@ -108,6 +109,7 @@ CI_METHOD = ("over cases, 95%: scores that are all 0 or 1, Wilson's score interv
              "normal approximation mean ± 1.96 * s / sqrt(n) (s the sample standard deviation, ddof=1) clipped to "
              "[0, 1]; fluency and seconds, the normal approximation. Each entry names its interval.")
 RESTORE_TOLERANCE = 1e-4
+DEFAULT_SNAPSHOT_EVERY = 100  # edits between snapshots of `immediate` and `final` streams
 
 
 class EvaluationSettingsError(KnowEditError, ValueError):
@@ -442,8 +444,15 @@ def run_evaluation(
     tokenizer=None,
     overwrite: bool = False,
     scorer_batch_size: int = 32,
+    snapshot_every: int | None = None,
 ) -> dict:
     """Run (or resume) the evaluation described by `settings` into `output_dir`; return the summary.
+
+    `snapshot_every` (sequential mode): write a snapshot of the edited state every this many edits, from which a
+    stopped run resumes (see `snapshots`); `None` (default): at every checkpoint of `every:K`, every
+    `DEFAULT_SNAPSHOT_EVERY` edits with `immediate` and `final`; `0`: none. With `every:K` it must be a multiple of K
+    (a snapshot is only resumed from where the scores are recorded). Like `scorer_batch_size` it does not change
+    what is computed, so a run may resume with another value.
 
     `model` and `tokenizer` default to `load_model_and_tokenizer(settings.model)`; pass them to evaluate a model held
     in memory (`settings.model` is then only its name in the records). Under several processes (`accelerate launch`,
@@ -477,6 +486,7 @@ def run_evaluation(
     settings.config = {k: v for k, v in settings.config.items()
                        if k not in ("base_model_name_or_path", "revision")}
     settings.label = settings.label or default_label(settings.method, settings.config)
+    snapshot_every = _snapshot_interval(settings, snapshot_every)
     if not Path(settings.dataset).exists():
         raise EvaluationSettingsError(f"The dataset file {settings.dataset!r} does not exist.")
     requests = load_edit_dataset(settings.dataset, n=settings.n, offset=settings.offset)
@@ -659,8 +669,11 @@ def run_evaluation(
         edit_times: dict[int, float] = {}
         applied = 0
         editor_class = get_editor_class(config.edit_type)
-        if kind == "every" and resume_edits:
-            applied = _restore_snapshot(processes, output_dir, edited, editor_class, chunks, indices, resume_edits,
+        # a snapshot is loaded when no scores are owed to the edits it holds: up to the last recorded ones (a `final`
+        # run scores nothing before its last edit)
+        loadable = len(indices) - 1 if kind == "final" else resume_edits
+        if snapshot_every and loadable:
+            applied = _restore_snapshot(processes, output_dir, edited, editor_class, chunks, indices, loadable,
                                         edit_times, refusals)
         if resume_edits > applied:
             logger.info("Resuming: recomputing edits %d to %d without scoring them again", applied + 1, resume_edits)
@@ -679,14 +692,9 @@ def run_evaluation(
             edit_seconds = (time.perf_counter() - start) / len(chunk)
             applied += len(chunk)
             edit_times.update(dict.fromkeys(chunk, edit_seconds))
-            # the chunk crossed a checkpoint (a recomputed one too): snapshot the state once it is scored
-            snapshot_due = (kind == "every" and applied // every > (applied - len(chunk)) // every
-                            and applied < len(indices))
             if applied <= resume_edits:
-                if snapshot_due:
-                    _snapshot(processes, output_dir, edited, editor_class, indices[:applied], edit_times, refusals)
-                continue
-            if kind == "immediate":
+                pass  # recomputed: its scores are recorded
+            elif kind == "immediate":
                 records = score_shared(chunk, chunk_no, edit_seconds, applied)
                 if processes.is_main:
                     commit(records)
@@ -699,14 +707,17 @@ def run_evaluation(
                     append_jsonl(curve_path, [_curve_point(applied, point, protocols, seconds)])
                     bar.update(applied - bar.n)
                     write_summary()
-                if snapshot_due:
-                    _snapshot(processes, output_dir, edited, editor_class, indices[:applied], edit_times, refusals)
                 if applied == len(indices):
                     for record in point:
                         record["edit_seconds"] = edit_times[record["index"]]
                     if processes.is_main:
                         append_jsonl(results_path, point)
                     done.update({r["index"]: r for r in point})
+            # the chunk crossed a multiple of `snapshot_every` (a recomputed one too): snapshot the state, now that
+            # its scores are written, so that a resumed run owes no scores to the edits it loads
+            if (snapshot_every and applied // snapshot_every > (applied - len(chunk)) // snapshot_every
+                    and applied < len(indices)):
+                _snapshot(processes, output_dir, edited, editor_class, indices[:applied], edit_times, refusals)
         if kind == "final":
             records = score_shared(indices, len(chunks) - 1, None, applied)
             for record in records:
@@ -723,12 +734,34 @@ def run_evaluation(
     return processes.on_main(write_summary)
 
 
-def _restore_snapshot(processes, output_dir, edited, editor_class, chunks, indices, resume_edits, edit_times,
+def _snapshot_interval(settings: EvaluationSettings, requested: int | None) -> int:
+    """The edits between snapshots of a run (0: none); see `run_evaluation`."""
+    kind, every = parse_schedule(settings.eval_schedule)
+    if requested is None:
+        if settings.mode != "sequential":
+            return 0
+        return every if kind == "every" else DEFAULT_SNAPSHOT_EVERY
+    if not isinstance(requested, int) or isinstance(requested, bool) or requested < 0:
+        raise EvaluationSettingsError(f"snapshot_every must be a non-negative integer, got {requested!r}.")
+    if requested and settings.mode != "sequential":
+        raise EvaluationSettingsError(
+            f"snapshot_every applies to mode 'sequential' (the edits of mode {settings.mode!r} are undone after each "
+            "chunk, so there is no state to snapshot); leave it unset or 0."
+        )
+    if requested and kind == "every" and requested % every:
+        raise EvaluationSettingsError(
+            f"With eval_schedule {settings.eval_schedule!r}, snapshot_every must be a multiple of {every} (a stream "
+            f"resumes from a checkpoint, where its scores are recorded), got {requested}."
+        )
+    return requested
+
+
+def _restore_snapshot(processes, output_dir, edited, editor_class, chunks, indices, max_edits, edit_times,
                       refusals) -> int:
-    """Install the latest snapshot (see `snapshots`) of a resumed `every:K` stream that ends on a chunk boundary at
-    or before its last checkpoint; return its number of edits (0 when none could be loaded on every process: then no
-    process keeps one, so that all of them recompute the same edits)."""
-    at = processes.on_main(lambda: latest_snapshot(output_dir, resume_edits))
+    """Install the latest snapshot (see `snapshots`) of a resumed stream that ends on a chunk boundary after at most
+    `max_edits` edits; return its number of edits (0 when none could be loaded on every process: then no process keeps
+    one, so that all of them recompute the same edits)."""
+    at = processes.on_main(lambda: latest_snapshot(output_dir, max_edits))
     if at not in itertools.accumulate(len(chunk) for chunk in chunks):  # another batch size made it (settings forbid)
         at = 0
     restored = load_snapshot(output_dir, at, edited, EDIT_NAME, editor_class, indices[:at]) if at else None

@@ -1,6 +1,8 @@
 """Snapshots of a sequential run's edited state, so that a stopped run resumes without recomputing its edits.
 
-At every checkpoint of an `every:K` stream the harness writes `snapshots/at-<num_edits>/` into the run directory:
+Every `snapshot_every` edits of a sequential stream (by default at every checkpoint of `every:K`, every 100 edits with
+`immediate` and `final`), once the scores due by then are written, the harness writes `snapshots/at-<num_edits>/`
+into the run directory:
 
 - `edit/`: the accumulated edit, saved as an artifact (`EditedModel.save_pretrained`); absent when every edit so far
   was refused;
@@ -11,12 +13,12 @@ At every checkpoint of an `every:K` stream the harness writes `snapshots/at-<num
 
 A snapshot is written into a staging folder and renamed when complete (`hub.atomic_directory`), and the older ones are
 then deleted, so an interruption leaves either the new snapshot or the previous one. A resumed run loads the latest
-snapshot at or before its last scored checkpoint and recomputes only the edits after it; since every chunk is seeded by
-its number, the stream goes on as if it had never stopped. A snapshot that cannot be loaded is reported and ignored (the
-edits are then recomputed). When the stream is complete the snapshots are deleted. Under several processes the main
-process writes the snapshots and picks the one to resume from, and every process loads it from the run's folder (so the
-processes must see the same folder, as on one machine); if any of them cannot, none keeps it and all recompute the
-edits.
+snapshot that holds no edit whose scores are owed (see the harness) and recomputes only the edits after it; since every
+chunk is seeded by its number, the stream goes on as if it had never stopped. A snapshot that cannot be loaded is
+reported and ignored (the edits are then recomputed). When the stream is complete the snapshots are deleted. Under
+several processes the main process writes the snapshots and picks the one to resume from, and every process loads it
+from the run's folder (so the processes must see the same folder, as on one machine); if any of them cannot, none keeps
+it and all recompute the edits.
 """
 
 import json
