@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from hf_knowedit.cli import main
 from hf_knowedit.config import build_config
 from hf_knowedit.edited_model import EditedModel
 from hf_knowedit.evaluation import EvaluationSettingsError, run_evaluation
@@ -126,6 +127,14 @@ def test_snapshot_interval_is_checked_before_the_run_starts(dataset, tmp_path): 
         with pytest.raises(EvaluationSettingsError, match=message):
             _run(settings, tmp_path / "run", snapshot_every=value)
         assert not (tmp_path / "run").exists()
+
+
+def test_the_command_line_passes_snapshot_every_on(dataset, tmp_path, capsys):  # noqa: F811
+    argv = ["evaluate", "--method", "ft", "--dataset", dataset, "--mode", "sequential", "--eval-schedule", "every:2",
+            "--snapshot-every", "3", "--output", str(tmp_path / "run")]
+    assert main(argv) == 2
+    assert "snapshot_every must be a multiple of 2" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_no_snapshots_when_snapshot_every_is_0(dataset, tmp_path, monkeypatch):  # noqa: F811
