@@ -6,14 +6,15 @@ import pytest
 import torch
 
 from hf_knowedit.cli import main
-from hf_knowedit.config import build_config
+from hf_knowedit.config import build_config, get_editor_class
 from hf_knowedit.edited_model import EditedModel
 from hf_knowedit.evaluation import EvaluationSettingsError, run_evaluation
 from hf_knowedit.evaluation.snapshots import SNAPSHOTS_DIR, latest_snapshot, load_snapshot, save_snapshot
 from hf_knowedit.methods.alphaedit.editor import AlphaEditEditor
 from hf_knowedit.methods.ft.editor import FTEditor
 
-from .helpers import StopRun, counting_editor, curve_scores
+from .helpers import BATCH, PROBES, TOKENIZER, StopRun, counting_editor, curve_scores, logits
+from .test_device_map import CONFIGS
 from .test_evaluation import _records, _settings, dataset  # noqa: F401  (the dataset fixture)
 from .test_locate_then_edit import REQUESTS, fast_config, sharpened_model
 from .tiny_models import tiny_model, tiny_tokenizer
@@ -170,3 +171,26 @@ def test_alphaedit_stream_continues_from_a_snapshot_exactly(tmp_path):
     for path, components in live.get_edit("stream").components.items():
         again = reloaded.get_edit("stream").components[path]
         assert all(torch.equal(a.delta_weight(), b.delta_weight()) for a, b in zip(components, again, strict=True))
+
+
+@pytest.mark.usefixtures("isolated_statistics_cache")
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_every_method_continues_a_stream_from_a_snapshot(method, tmp_path):
+    """A stream of three edits ends as one snapshotted after two, loaded on a fresh model and given the third: what
+    each method keeps between edits is in its edit or its `stream_state` (AlphaEdit's keys of edited requests, which
+    differ from keys recomputed on the model once later edits changed the layers below them)."""
+    editor_class = get_editor_class(CONFIGS[method]().edit_type)
+    live = EditedModel(tiny_model("llama"), TOKENIZER)
+    for number, request in enumerate(BATCH[:2]):
+        torch.manual_seed(number)
+        live.add_edits(CONFIGS[method](), [request], edit_name="stream")
+    save_snapshot(tmp_path, live, "stream", editor_class, [0, 1], {0: 1.0, 1: 1.0}, {0: None, 1: None})
+    reloaded = EditedModel(tiny_model("llama"), TOKENIZER)
+    assert load_snapshot(tmp_path, 2, reloaded, "stream", editor_class, [0, 1]) == ({0: 1.0, 1: 1.0},
+                                                                                  {0: None, 1: None})
+    prompts = [r.filled_prompt for r in BATCH] + PROBES
+    torch.testing.assert_close(logits(reloaded, prompts), logits(live, prompts), rtol=1e-4, atol=1e-5)
+    for model in (live, reloaded):
+        torch.manual_seed(2)
+        model.add_edits(CONFIGS[method](), BATCH[2:], edit_name="stream")
+    torch.testing.assert_close(logits(reloaded, prompts), logits(live, prompts), rtol=1e-4, atol=1e-5)
