@@ -25,21 +25,16 @@ EVALUATE_SCRIPT = textwrap.dedent(
     import json
     import sys
 
+    import pytest
     import torch.distributed as dist
 
     from hf_knowedit.cli import main
     from hf_knowedit.distributed import join_process_group, rank_and_world_size
     from hf_knowedit.edited_model import EditedModel
-    from hf_knowedit.methods.ft.editor import FTEditor
+    from tests.helpers import counting_editor
 
     runs, failing, report = json.loads(sys.argv[1])
-    compute, subjects = FTEditor.compute_components, []
-
-    def counted(self, edited_model, requests):  # the subjects this process edits, reported per run
-        subjects.extend(r.subject for r in requests)
-        return compute(self, edited_model, requests)
-
-    FTEditor.compute_components = counted
+    subjects = counting_editor(pytest.MonkeyPatch())  # the subjects this process edits, reported per run
     edits = []
     for argv in runs:
         subjects.clear()
@@ -106,8 +101,8 @@ def test_evaluation_in_two_processes_equals_one(tmp_path, monkeypatch):
         torch.set_num_threads(threads)
     script = tmp_path / "evaluate.py"
     script.write_text(EVALUATE_SCRIPT)
-    runs = {**MODES, "resumed": MODES["sequential"]}
-    argvs = [_evaluate_argv(model_dir, dataset, two / run, run if run in MODES else "sequential") for run in runs]
+    runs = {"batch": "batch", "sequential": "sequential", "resumed": "sequential"}  # run -> mode
+    argvs = [_evaluate_argv(model_dir, dataset, two / run, mode) for run, mode in runs.items()]
     failing = _evaluate_argv(model_dir, dataset, tmp_path / "failing", "batch")
     result = launch("accelerate", script, json.dumps([argvs, None, str(tmp_path / "edits")]))
     assert result.stdout.count("Wrote ") == len(runs)  # the main process reports; the other is silent
@@ -121,8 +116,7 @@ def test_evaluation_in_two_processes_equals_one(tmp_path, monkeypatch):
     assert "error: Process 1 of 2 failed (RuntimeError: edit failed on process 1)" in result.stderr
     assert (tmp_path / "outcome.1").read_text() == "RuntimeError: edit failed on process 1"
 
-    for run in runs:
-        mode = run if run in MODES else "sequential"  # the resumed stream equals the uninterrupted one
+    for run, mode in runs.items():  # the resumed stream equals the uninterrupted one
         # pre-edit scores: the same records in the same order (chunks of 2 cases, dealt to the processes)
         assert _jsonl(two / run / "pre.jsonl") == _jsonl(one / mode / "pre.jsonl")
         records = {"one": _jsonl(one / mode / "results.jsonl"), "two": _jsonl(two / run / "results.jsonl")}

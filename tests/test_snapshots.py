@@ -9,6 +9,7 @@ from hf_knowedit.cli import main
 from hf_knowedit.config import build_config, get_editor_class
 from hf_knowedit.edited_model import EditedModel
 from hf_knowedit.evaluation import EvaluationSettingsError, run_evaluation
+from hf_knowedit.evaluation.harness import DEFAULT_SNAPSHOT_EVERY, _snapshot_interval
 from hf_knowedit.evaluation.snapshots import SNAPSHOTS_DIR, latest_snapshot, load_snapshot, save_snapshot
 from hf_knowedit.methods.alphaedit.editor import AlphaEditEditor
 from hf_knowedit.methods.ft.editor import FTEditor
@@ -119,7 +120,14 @@ def test_a_failed_snapshot_write_keeps_the_previous_one_and_leaves_nothing_half_
                          [0]) == ({0: 1.0}, {0: None})
 
 
-def test_snapshot_interval_is_checked_before_the_run_starts(dataset, tmp_path):  # noqa: F811
+def test_snapshot_interval_defaults_and_checks(dataset, tmp_path):  # noqa: F811
+    # defaults: each checkpoint of every:K, every DEFAULT_SNAPSHOT_EVERY edits otherwise, none outside sequential mode
+    assert _snapshot_interval(_settings(dataset, "sequential", 1, "every:2"), None) == 2
+    assert _snapshot_interval(_settings(dataset, "sequential", 1, "immediate"), None) == DEFAULT_SNAPSHOT_EVERY == 100
+    assert _snapshot_interval(_settings(dataset, "sequential", 1, "final"), None) == 100
+    assert _snapshot_interval(_settings(dataset, "batch", 2), None) == 0
+    assert _snapshot_interval(_settings(dataset, "sequential", 1, "every:2"), 4) == 4
+    # bad values are refused before the run writes anything
     for settings, value, message in [
         (_settings(dataset, "batch", 2), 2, "applies to mode 'sequential'"),
         (_settings(dataset, "sequential", 1, "every:2"), 3, "must be a multiple of 2"),

@@ -1,6 +1,6 @@
 """Markdown table rows for the batch, sequential, fluency and GPU tables of docs/results.md, from run directories.
 
-Usage: python benchmarks/results/summary_rows.py --kind batch|sequential|fluency|gpu|curve RUN_DIR...
+Usage: python benchmarks/results/summary_rows.py --kind batch|sequential|fluency|gpu|curve [--protocol P] RUN_DIR...
 - batch: method, batch size, cases done, token-accuracy reliability / generalization / locality (unchanged), the same
   three under prob_comparison, edit seconds per case, peak RSS in GB, the run.
 - sequential: method (with "to N edits" when the stream stopped early), token-accuracy reliability / generalization /
@@ -14,8 +14,8 @@ Usage: python benchmarks/results/summary_rows.py --kind batch|sequential|fluency
   GPU memory in GB.
 In the batch table, a run made on a GPU gives its peak GPU memory (marked "GPU") instead of the process RSS.
 - curve (command line only): one row per checkpoint of a sequential run (its curve.jsonl, through summary.json's
-  `curve`): edits so far, then token-accuracy reliability / generalization / locality (unchanged) over the cases
-  edited so far.
+  `curve`): edits so far, then reliability / generalization / locality (unchanged) over the cases edited so far,
+  under --protocol (default token_accuracy; prob_comparison for P(new) > P(true)).
 make_results.py calls row() for every row of the tables marked <!-- rows KIND --> in docs/results.md.
 """
 import argparse
@@ -26,6 +26,7 @@ from pathlib import Path
 
 from hf_knowedit.evaluation.harness import report_label
 from hf_knowedit.evaluation.report import _latest_checkpoint, _stat, ran_on_gpu
+from hf_knowedit.metrics import PROTOCOLS
 
 
 TRIPLE = ("reliability", "generalization", "locality_unchanged")
@@ -135,14 +136,14 @@ def row(kind: str, label: str, run: str) -> str:
     return f"| {label} | {' | '.join(CELLS[kind](summary, run))} | `{run}` |"
 
 
-def curve_rows(run: str) -> list[str]:
-    """One row per checkpoint of the sequential run RUN: edits, token-accuracy reliability / generalization /
-    locality over the cases edited so far."""
+def curve_rows(run: str, protocol: str = "token_accuracy") -> list[str]:
+    """One row per checkpoint of the sequential run RUN: edits, reliability / generalization / locality under
+    PROTOCOL over the cases edited so far."""
     summary = json.loads((Path(run) / "summary.json").read_text())
     if not summary["curve"]:
         raise ValueError(f"{run} has no checkpoints: only sequential runs with --eval-schedule every:K have them")
     return [f"| {point['num_edits']:,} | "
-            + " | ".join(pct(point["metrics"].get(m, {}).get("token_accuracy")) for m in TRIPLE) + f" | `{run}` |"
+            + " | ".join(pct(point["metrics"].get(m, {}).get(protocol)) for m in TRIPLE) + f" | `{run}` |"
             for point in summary["curve"]]
 
 
@@ -150,10 +151,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+")
     parser.add_argument("--kind", choices=sorted([*CELLS, "curve"]), required=True)
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="token_accuracy", help="--kind curve: the protocol.")
     args = parser.parse_args()
     for run in args.runs:
         if args.kind == "curve":
-            print("\n".join(curve_rows(run)))
+            print("\n".join(curve_rows(run, args.protocol)))
             continue
         summary = json.loads((Path(run) / "summary.json").read_text())
         print(row(args.kind, report_label(summary), run))

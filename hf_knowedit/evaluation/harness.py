@@ -692,13 +692,12 @@ def run_evaluation(
             edit_seconds = (time.perf_counter() - start) / len(chunk)
             applied += len(chunk)
             edit_times.update(dict.fromkeys(chunk, edit_seconds))
-            if applied <= resume_edits:
-                pass  # recomputed: its scores are recorded
-            elif kind == "immediate":
+            scored = applied > resume_edits  # recomputed edits have their scores recorded already
+            if scored and kind == "immediate":
                 records = score_shared(chunk, chunk_no, edit_seconds, applied)
                 if processes.is_main:
                     commit(records)
-            elif kind == "every" and (applied >= next_checkpoint or applied == len(indices)):
+            elif scored and kind == "every" and (applied >= next_checkpoint or applied == len(indices)):
                 while next_checkpoint <= applied:
                     next_checkpoint += every
                 point = score_shared(indices[:applied], chunk_no, None, applied)
@@ -777,7 +776,8 @@ def _restore_snapshot(processes, output_dir, edited, editor_class, chunks, indic
 
 
 def _snapshot(processes, output_dir, edited, editor_class, cases, edit_times, refusals) -> None:
-    """Write the snapshot after the edits of `cases` (main process)."""
+    """Write the snapshot after the edits of `cases` (main process; a function of its own so that the lambda binds
+    this call's `cases`, not the loop's variables)."""
     processes.on_main(lambda: save_snapshot(output_dir, edited, EDIT_NAME, editor_class, cases, edit_times,
                                             refusals))
 
