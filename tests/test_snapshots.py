@@ -1,5 +1,6 @@
 """Snapshots of sequential runs: a stopped stream resumes from its last checkpoint without recomputing its edits."""
 
+import functools
 import json
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 from hf_knowedit.cli import main
 from hf_knowedit.config import build_config, get_editor_class
 from hf_knowedit.edited_model import EditedModel
-from hf_knowedit.evaluation import EvaluationSettingsError, run_evaluation
+from hf_knowedit.evaluation import EvaluationSettingsError, harness, run_evaluation
 from hf_knowedit.evaluation.harness import DEFAULT_SNAPSHOT_EVERY, _snapshot_interval
 from hf_knowedit.evaluation.snapshots import SNAPSHOTS_DIR, latest_snapshot, load_snapshot, save_snapshot
 from hf_knowedit.methods.alphaedit.editor import AlphaEditEditor
@@ -60,6 +61,43 @@ def test_stopped_stream_resumes_from_its_snapshot_as_if_it_had_not_stopped(datas
     # the first checkpoint's seconds are those timed before the stop, kept by the snapshot
     seconds = {c["index"]: c["edit_seconds"] for c in progress["cases"]}
     assert {r["index"]: r["edit_seconds"] for r in _records(output) if r["index"] < 2} == seconds
+    assert not (output / SNAPSHOTS_DIR).exists()
+
+
+def test_a_final_stream_stopped_while_scoring_resumes_after_its_last_edit_and_scores_only_the_cases_left(
+        dataset, tmp_path, monkeypatch):  # noqa: F811
+    """A `final` stream snapshots its last edit and records its scores round by round: stopped in its second round of
+    scoring, it resumes without editing again and scores the cases left, in the rounds of a run that did not stop."""
+    settings = _settings(dataset, "sequential", 1, "final")
+    complete = _run(settings, tmp_path / "complete", snapshot_every=2, scorer_batch_size=2)
+    score_cases = harness.score_cases
+    scored = []
+
+    def stop_at_ada(scorer, cases, *args, stop=True, **kwargs):
+        if kwargs.get("pre_raw") is not None:  # the scores after the edits, not the untouched model's
+            if stop and "Ada Lovelace" in [c.subject for c in cases]:
+                raise StopRun("stopped")
+            scored.append([c.subject for c in cases])
+        return score_cases(scorer, cases, *args, **kwargs)
+
+    output = tmp_path / "stopped"
+    with monkeypatch.context() as patch:
+        patch.setattr(harness, "score_cases", stop_at_ada)
+        with pytest.raises(StopRun):
+            _run(settings, output, snapshot_every=2, scorer_batch_size=2)
+    assert [r["index"] for r in _records(output)] == [0, 1]  # the first round, recorded
+    assert sorted(p.name for p in (output / SNAPSHOTS_DIR).iterdir()) == ["at-5"]  # after the last edit
+
+    scored.clear()
+    with monkeypatch.context() as patch:
+        patch.setattr(harness, "score_cases", functools.partial(stop_at_ada, stop=False))
+        edited_subjects = counting_editor(patch)
+        resumed = _run(settings, output, snapshot_every=2, scorer_batch_size=2)
+    assert edited_subjects == []  # every edit came from the snapshot
+    assert scored == [["Ada Lovelace", "Danielle Darrieux"], ["Leonardo da Vinci"]]
+    assert sorted(r["index"] for r in _records(output)) == [0, 1, 2, 3, 4]  # each case recorded once
+    assert _post_scores(output) == _post_scores(tmp_path / "complete")
+    assert resumed["metrics"] == complete["metrics"] and resumed["complete"]
     assert not (output / SNAPSHOTS_DIR).exists()
 
 

@@ -50,8 +50,8 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--scorer-batch-size", type=int, default=32, help="Prompts per scoring forward pass.")
     parser.add_argument("--snapshot-every", type=int, default=None, metavar="N",
                         help="Sequential mode: snapshot the edited state every N edits, for a stopped run to resume "
-                             "from (default: every checkpoint of every:K, every 100 edits otherwise; 0: none; with "
-                             "every:K a multiple of K).")
+                             "from (default: every checkpoint of every:K, every 100 edits otherwise and, with final, "
+                             "after the last edit; 0: none; with every:K a multiple of K).")
     parser.add_argument("--output", required=True, help="Output directory.")
     parser.add_argument("--overwrite", action="store_true",
                         help="Delete the run in --output and start afresh (needed when its settings differ).")

@@ -33,7 +33,9 @@ model's state is loaded from the latest snapshot that holds no edit whose scores
 checkpoint's; with `immediate`, one at or before the last chunk scored; with `final`, any): the edit, what the method
 keeps between calls, and the edits' seconds and refusals. The stream goes on from there as if it had not stopped;
 edits scored already that no snapshot holds (a run made before snapshots were written, a damaged snapshot, the edits
-after the last snapshot of an `immediate` stream) are recomputed without being scored again.
+after the last snapshot of an `immediate` stream) are recomputed without being scored again. A `final` stream also
+snapshots its last edit and records its scores round by round (`scorer_batch_size` cases per process), so that a run
+stopped while scoring resumes from that snapshot and scores only the cases left.
 
 Several processes (`accelerate launch --multi_gpu --num_processes N`, `torchrun --nproc_per_node N`): the harness
 joins the process group through accelerate's `PartialState` (NCCL on one GPU per process, gloo on CPU-only machines)
@@ -450,7 +452,8 @@ def run_evaluation(
 
     `snapshot_every` (sequential mode): write a snapshot of the edited state every this many edits, from which a
     stopped run resumes (see `snapshots`); `None` (default): at every checkpoint of `every:K`, every
-    `DEFAULT_SNAPSHOT_EVERY` edits with `immediate` and `final`; `0`: none. With `every:K` it must be a multiple of K
+    `DEFAULT_SNAPSHOT_EVERY` edits with `immediate` and `final` (with `final`, after the last edit too, before the
+    scoring); `0`: none. With `every:K` it must be a multiple of K
     (a snapshot is only resumed from where the scores are recorded). Like `scorer_batch_size` it does not change
     what is computed, so a run may resume with another value.
 
@@ -592,16 +595,21 @@ def run_evaluation(
 
     refusals: dict[int, str | None] = {}  # sequential mode: case index -> why its edit was refused (None: applied)
 
-    def score_shared(case_ids, chunk_no, edit_seconds, num_edits):
-        """Score cases of a model every process holds, in chunks of `scorer_batch_size` dealt to the processes."""
-        records = []
+    def score_rounds(case_ids, chunk_no, edit_seconds, num_edits, scored_together=None):
+        """Score cases of a model every process holds, in chunks of `scorer_batch_size` dealt to the processes; yield
+        the records of each round of chunks. `scored_together`: the cases of the checkpoint the records belong to
+        (defaults to `case_ids`)."""
         for _, results in processes.rounds(_chunks(case_ids, score_size),
                                            lambda unit: score_and_record(unit, chunk_no, edit_seconds, num_edits)):
-            records.extend(record for unit_records in results for record in unit_records)
-        for record in records:
-            record["chunk_indices"] = case_ids
-            record["edit_refused"] = refusals[record["index"]]
-        return records
+            records = [record for unit_records in results for record in unit_records]
+            for record in records:
+                record["chunk_indices"] = scored_together or case_ids
+                record["edit_refused"] = refusals[record["index"]]
+            yield records
+
+    def score_shared(case_ids, chunk_no, edit_seconds, num_edits):
+        """The records of `score_rounds`, all rounds at once."""
+        return [record for records in score_rounds(case_ids, chunk_no, edit_seconds, num_edits) for record in records]
 
     def commit(records):
         """Append scored records to the JSONL and the running means, advance the bar, refresh the summary."""
@@ -670,8 +678,8 @@ def run_evaluation(
         applied = 0
         editor_class = get_editor_class(config.edit_type)
         # a snapshot is loaded when no scores are owed to the edits it holds: up to the last recorded ones (a `final`
-        # run scores nothing before its last edit)
-        loadable = len(indices) - 1 if kind == "final" else resume_edits
+        # run scores nothing before its last edit, and has a snapshot after it while it scores)
+        loadable = len(indices) if kind == "final" else resume_edits
         if snapshot_every and loadable:
             applied = _restore_snapshot(processes, output_dir, edited, editor_class, chunks, indices, loadable,
                                         edit_times, refusals)
@@ -713,18 +721,21 @@ def run_evaluation(
                         append_jsonl(results_path, point)
                     done.update({r["index"]: r for r in point})
             # the chunk crossed a multiple of `snapshot_every` (a recomputed one too): snapshot the state, now that
-            # its scores are written, so that a resumed run owes no scores to the edits it loads
-            if (snapshot_every and applied // snapshot_every > (applied - len(chunk)) // snapshot_every
-                    and applied < len(indices)):
+            # its scores are written, so that a resumed run owes no scores to the edits it loads. A `final` stream
+            # also snapshots its last edit, before its scoring (the long part when the edits are cheap ones)
+            crossed = snapshot_every and applied // snapshot_every > (applied - len(chunk)) // snapshot_every
+            last = applied == len(indices)
+            if snapshot_every and ((crossed and not last) or (last and kind == "final")):
                 _snapshot(processes, output_dir, edited, editor_class, indices[:applied], edit_times, refusals)
         if kind == "final":
-            records = score_shared(indices, len(chunks) - 1, None, applied)
-            for record in records:
-                record["edit_seconds"] = edit_times[record["index"]]
-            if processes.is_main:
-                append_jsonl(results_path, records)
-            done.update({r["index"]: r for r in records})
-            bar.update(len(indices) - bar.n)
+            # recorded round by round: a run stopped while scoring resumes from the snapshot after the last edit and
+            # scores the cases left (the rounds are those of a run that did not stop, with the same batch size)
+            todo = [i for i in indices if i not in done]
+            for records in score_rounds(todo, len(chunks) - 1, None, applied, scored_together=indices):
+                for record in records:
+                    record["edit_seconds"] = edit_times[record["index"]]
+                if processes.is_main:
+                    commit(records)
         if EDIT_NAME in edited.edit_names:  # absent when every edit was refused
             edited.delete_edit(EDIT_NAME)
         processes.on_main(lambda: delete_snapshots(output_dir))

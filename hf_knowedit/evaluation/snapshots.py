@@ -1,8 +1,8 @@
 """Snapshots of a sequential run's edited state, so that a stopped run resumes without recomputing its edits.
 
 Every `snapshot_every` edits of a sequential stream (by default at every checkpoint of `every:K`, every 100 edits with
-`immediate` and `final`), once the scores due by then are written, the harness writes `snapshots/at-<num_edits>/`
-into the run directory:
+`immediate` and `final`; a `final` stream also after its last edit, before its scoring), once the scores due by then
+are written, the harness writes `snapshots/at-<num_edits>/` into the run directory:
 
 - `edit/`: the accumulated edit, saved as an artifact (`EditedModel.save_pretrained`); absent when every edit so far
   was refused;
