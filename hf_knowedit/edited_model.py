@@ -2,11 +2,13 @@
 
 import contextlib
 import copy
+import inspect
 import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -15,7 +17,7 @@ from . import artifacts
 from .architectures import resolve_layout
 from .config import CONFIG_NAME, EditConfig, get_editor_class
 from .deltas import EditComponent, WeightDelta, first_tensor, merge_weight_delta
-from .devices import is_offloaded, materialized_weight
+from .devices import input_device, is_offloaded, materialized_weight
 from .errors import ArtifactError, EditConfigError, EditNotFoundError, EditRequestError, OffloadedWeightsError
 from .fingerprint import check_fingerprint, model_fingerprint
 from .hub import resolve_artifact_dir
@@ -58,6 +60,9 @@ class ModelComponent(EditComponent):
     """
 
     kind = "model_component"
+    # whether its contexts are long texts shared by many prompts (IKE's demonstrations): scorers then batch the prompts
+    # of one context together (`EditedModel.context_groups`) and the model runs each context once per batch
+    shares_long_contexts: ClassVar[bool] = False
 
     def route(self, edited_model, prompts: list[str]) -> list[str | None]:
         """For each prompt text, the context to put before it, or `None` to leave the prompt as it is."""
@@ -65,6 +70,12 @@ class ModelComponent(EditComponent):
 
     def forward(self, module_input, module_output):
         raise TypeError(f"A {self.kind} component routes whole prompts; it is not a module hook.")
+
+
+# decoder-only model types whose routed prompts may share their contexts' cache (`EditedModel._shared_context_logits`):
+# plain attention caches, checked by the tests on tiny models of each; other models run a copy of the context per prompt
+SHARED_CONTEXT_MODEL_TYPES = frozenset({"gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "gemma",
+                                        "gemma3_text", "opt", "phi3"})
 
 
 class EditedModel(nn.Module):
@@ -523,6 +534,25 @@ class EditedModel(nn.Module):
         is not a forward pass of the hooked base model."""
         return bool(self._routers())
 
+    def routed_contexts(self, prompts: list[str]) -> list[str | None]:
+        """The context text the active model-level components put before each prompt (`None`: the prompt is left as
+        it is); the first component that routes a prompt decides."""
+        contexts: list[str | None] = [None] * len(prompts)
+        for router in self._routers():
+            device = input_device(self.base_model)
+            if router.device != device:
+                router.to(device)
+            for i, context in enumerate(router.route(self, prompts)):
+                contexts[i] = contexts[i] if contexts[i] is not None else context
+        return contexts
+
+    def context_groups(self, prompts: list[str]) -> list[str] | None:
+        """A key per prompt that groups the prompts sharing a long context (`""` for none), for a scorer to batch them
+        together so that each context is run once per batch; `None` when no active component has such contexts."""
+        if not any(router.shares_long_contexts for router in self._routers()):
+            return None
+        return [context or "" for context in self.routed_contexts(prompts)]
+
     def _routed_call(self, args, kwargs, generate: bool):
         """Run the call with each prompt routed by the active model-level components, or `None` when none applies."""
         routers = self._routers()
@@ -540,13 +570,7 @@ class EditedModel(nn.Module):
         mask = kwargs.pop("attention_mask", None)
         mask = torch.ones_like(input_ids) if mask is None else mask
         rows = [ids[m.bool()].tolist() for ids, m in zip(input_ids, mask, strict=True)]
-        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
-        contexts: list[str | None] = [None] * len(rows)
-        for router in routers:
-            if router.device != input_ids.device:
-                router.to(input_ids.device)
-            for i, context in enumerate(router.route(self, texts)):
-                contexts[i] = contexts[i] if contexts[i] is not None else context
+        contexts = self.routed_contexts(self.tokenizer.batch_decode(rows, skip_special_tokens=True))
         if all(c is None for c in contexts):
             return None
         bos = self.tokenizer.bos_token_id
@@ -558,6 +582,12 @@ class EditedModel(nn.Module):
             offsets.append((keep, len(ctx)))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         encoder_decoder = bool(getattr(self.base_model.config, "is_encoder_decoder", False))
+        for name in ("position_ids", "token_type_ids", "cache_position"):
+            kwargs.pop(name, None)
+        if not generate and not encoder_decoder:
+            logits = self._shared_context_logits(rows, new_rows, offsets, mask, pad, kwargs)
+            if logits is not None:
+                return self._routed_output(logits, kwargs.get("labels"), encoder_decoder=False)
         left = generate and not encoder_decoder
         width = max(len(r) for r in new_rows)
         padded = [([pad] * (width - len(r)) + r) if left else (r + [pad] * (width - len(r))) for r in new_rows]
@@ -566,8 +596,6 @@ class EditedModel(nn.Module):
         device = input_ids.device
         new_ids = torch.tensor(padded, dtype=input_ids.dtype, device=device)
         new_mask = torch.tensor(new_mask, dtype=mask.dtype, device=device)
-        for name in ("position_ids", "token_type_ids", "cache_position"):
-            kwargs.pop(name, None)
         if generate:
             out = self.base_model.generate(input_ids=new_ids, attention_mask=new_mask, **kwargs)
             if encoder_decoder:
@@ -580,21 +608,100 @@ class EditedModel(nn.Module):
             return out
         labels = kwargs.pop("labels", None)
         kwargs["return_dict"] = True
+        kept = None if encoder_decoder or "logits_to_keep" in kwargs else self._prompt_positions(offsets, width)
+        if kept is not None:
+            kwargs["logits_to_keep"] = kept.to(device)
         out = self.base_model(input_ids=new_ids, attention_mask=new_mask, **kwargs)
         logits = out.logits
         if not encoder_decoder:  # read the logits back at the prompt's own positions; padding gets zeros
+            where = torch.arange(width) if kept is None else torch.full((width,), -1).index_put_(
+                (kept,), torch.arange(len(kept)))  # position in the routed row -> row of `logits`
             routed = logits.new_zeros(*input_ids.shape, logits.shape[-1])
             for i, (keep, ctx_len) in enumerate(offsets):
                 n = len(rows[i])
-                source = torch.cat([torch.arange(keep), torch.arange(keep + ctx_len, n + ctx_len)]).to(device)
-                routed[i, mask[i].bool()] = logits[i, source]
+                source = where[torch.cat([torch.arange(keep), torch.arange(keep + ctx_len, n + ctx_len)])]
+                routed[i, mask[i].bool()] = logits[i, source.to(device)]
             logits = routed
+        return self._routed_output(logits, labels, encoder_decoder, type(out))
+
+    @staticmethod
+    def _routed_output(logits, labels, encoder_decoder: bool, output_class=None):
+        """The output of a routed call: its logits, and the loss on `labels` when given."""
         loss = None
         if labels is not None:
             aligned, targets = (logits, labels) if encoder_decoder else (logits[:, :-1], labels[:, 1:])
             loss = nn.functional.cross_entropy(aligned.reshape(-1, aligned.shape[-1]).float(),
                                                targets.reshape(-1), ignore_index=-100)
-        return type(out)(loss=loss, logits=logits)
+        if output_class is None:
+            from transformers.modeling_outputs import CausalLMOutputWithPast as output_class
+        return output_class(loss=loss, logits=logits)
+
+    def _shared_context_logits(self, rows, new_rows, offsets, mask, pad, kwargs) -> torch.Tensor | None:
+        """The logits of a routed batch of a decoder-only model where some rows share a context, each context run once:
+        the distinct contexts (each with the tokens kept before it, a BOS) in one forward pass that keeps their keys
+        and values, then every routed row's own tokens after its context's cache (positions continued, the padding of
+        the contexts masked), and the rows without a context as they are. Equal to running each row with its context
+        up to float rounding, for a fraction of the time when prompts share long contexts (IKE's demonstrations).
+        `None` when no context is shared or the model cannot take the cache and positions this needs."""
+        routed = [i for i, (_, ctx_len) in enumerate(offsets) if ctx_len]
+        prefixes = {tuple(new_rows[i][: keep + ctx_len]): None for i in routed for keep, ctx_len in [offsets[i]]}
+        if (len(prefixes) == len(routed) or set(kwargs) - {"return_dict", "labels", "use_cache"}
+                or any(len(rows[i]) == offsets[i][0] for i in routed)):  # nothing shared, other outputs, no prompt
+            return None
+        config = self.base_model.config
+        needed = {"position_ids", "past_key_values", "logits_to_keep"}
+        if (config.model_type not in SHARED_CONTEXT_MODEL_TYPES
+                or not needed <= set(inspect.signature(self.base_model.forward).parameters)):
+            return None
+        window = getattr(config, "sliding_window", None)
+        layer_types = getattr(config, "layer_types", None) or ["sliding_attention"]
+        if window is not None and "sliding_attention" in layer_types and max(map(len, new_rows)) > window:
+            # the window would slide over the padding of the shorter contexts
+            return None
+        device = mask.device
+        group = {prefix: g for g, prefix in enumerate(prefixes)}
+
+        def padded(sequences):
+            width = max(len(x) for x in sequences)
+            ids = torch.tensor([list(x) + [pad] * (width - len(x)) for x in sequences], device=device)
+            ones = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in sequences], device=device)
+            return ids, ones
+
+        context_ids, context_mask = padded(list(prefixes))
+        lengths = context_mask.sum(-1)
+        first = self.base_model(input_ids=context_ids, attention_mask=context_mask,
+                                position_ids=torch.arange(context_ids.shape[1], device=device).expand_as(context_ids),
+                                use_cache=True, logits_to_keep=torch.tensor([0], device=device), return_dict=True)
+        cache = first.past_key_values
+        of_row = torch.tensor([group[tuple(new_rows[i][: sum(offsets[i])])] for i in routed], device=device)
+        cache.reorder_cache(of_row)
+        own_ids, own_mask = padded([rows[i][offsets[i][0]:] for i in routed])
+        positions = lengths[of_row].unsqueeze(-1) + torch.arange(own_ids.shape[1], device=device)
+        second = self.base_model(input_ids=own_ids, attention_mask=torch.cat([context_mask[of_row], own_mask], -1),
+                                 position_ids=positions, past_key_values=cache, use_cache=True, return_dict=True)
+        plain = [i for i in range(len(rows)) if i not in set(routed)]
+        logits = second.logits.new_zeros(*mask.shape, second.logits.shape[-1])
+        for k, i in enumerate(routed):
+            keep = offsets[i][0]
+            head = first.logits[of_row[k], :keep]  # the logits of the kept tokens (a BOS): before any context
+            logits[i, mask[i].bool()] = torch.cat([head, second.logits[k, : len(rows[i]) - keep]])
+        if plain:
+            plain_ids, plain_mask = padded([rows[i] for i in plain])
+            out = self.base_model(input_ids=plain_ids, attention_mask=plain_mask, return_dict=True)
+            for k, i in enumerate(plain):
+                logits[i, mask[i].bool()] = out.logits[k, : len(rows[i])]
+        return logits
+
+    def _prompt_positions(self, offsets: list[tuple[int, int]], width: int) -> torch.Tensor | None:
+        """The positions of routed rows (right-padded to `width`) that hold a prompt's own tokens, for the base model
+        to compute logits at those only (`logits_to_keep`), not at the contexts': the output layer over a long
+        context's positions costs as much memory as the logits of a whole batch of IKE's demonstrations (gigabytes)
+        and a fifth of the time. `None` when every position is needed or the model cannot skip any."""
+        start = min(keep + ctx_len for keep, ctx_len in offsets)  # the first prompt token after a context
+        head = max(keep for keep, _ in offsets)  # the tokens kept before the contexts (a BOS)
+        if start <= head or "logits_to_keep" not in inspect.signature(self.base_model.forward).parameters:
+            return None
+        return torch.cat([torch.arange(head), torch.arange(start, width)])
 
     def _active_weight_deltas(self) -> dict[str, torch.Tensor]:
         deltas: dict[str, torch.Tensor] = {}

@@ -1,8 +1,9 @@
 """Batched scoring of prompts: teacher-forced target predictions and log-probabilities, and greedy generations.
 
 The metrics of :mod:`hf_knowedit.metrics` are pure functions of what this module computes. Scoring many prompts at once
-in padded batches (sorted by length, identical requests computed once) is what makes evaluating thousands of probes
-affordable; `benchmarks/bench_scoring.py` compares it with scoring one prompt at a time.
+in padded batches (sorted by length, identical requests computed once; under an edit whose prompts share long
+contexts, IKE's, the prompts of one context batched together so that the model runs it once) is what makes evaluating
+thousands of probes affordable; `benchmarks/bench_scoring.py` compares it with scoring one prompt at a time.
 """
 
 import contextlib
@@ -92,7 +93,14 @@ class BatchScorer:
         unique = list(dict.fromkeys(zip(prompts, targets)))
         results: dict[tuple[str, str], TargetScore] = {}
         device = input_device(self.model)
-        for indices in self._batches(unique, key=lambda pair: len(pair[0]) + len(pair[1])):
+        context_groups = getattr(self.model, "context_groups", None)
+        groups = context_groups([p for p, _ in unique]) if context_groups is not None else None
+        if groups is not None:  # the prompts of one context together, then by length
+            keyed = [(group, len(p) + len(t)) for group, (p, t) in zip(groups, unique, strict=True)]
+            batches = self._batches(list(range(len(unique))), key=keyed.__getitem__)
+        else:
+            batches = self._batches(unique, key=lambda pair: len(pair[0]) + len(pair[1]))
+        for indices in batches:
             pairs = [unique[i] for i in indices]
             batch = encode_prompt_target(self.tokenizer, [p for p, _ in pairs], [t for _, t in pairs],
                                          model=self.model).to(device)

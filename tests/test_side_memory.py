@@ -21,6 +21,7 @@ from hf_knowedit import (
     EditRequest,
 )
 from hf_knowedit.data import load_config_records
+from hf_knowedit.edited_model import SHARED_CONTEXT_MODEL_TYPES
 from hf_knowedit.locate import ResumedTargetLogProbs
 from hf_knowedit.methods.calinet import CaliNETConfig
 from hf_knowedit.methods.calinet.side_ffn import SideFFN, ffn_host_path
@@ -36,6 +37,7 @@ from hf_knowedit.methods.tpatcher.editor import (
     max_margin_direction,
     memory_file_prompts,
 )
+from hf_knowedit.scoring import BatchScorer
 from hf_knowedit.tokenization import encode_prompt_target
 
 from .helpers import COUNTERFACT_TRAIN, TOKENIZER, model_inputs, target_log_prob
@@ -115,6 +117,112 @@ def test_ike_answers_in_scope_prompts_with_its_context(arch):
         out = model.generate(**tokens, max_new_tokens=2, do_sample=False, pad_token_id=TOKENIZER.pad_token_id)
         width = tokens["input_ids"].shape[1]
         assert torch.equal(out[:, :width], tokens["input_ids"]) and out.shape[1] == width + 2
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_routed_batch_computes_logits_at_the_prompts_positions_only(arch):
+    """Two in-scope prompts of different lengths, each with its own context: the output layer sees only the positions
+    from the first prompt token on (not the demonstrations'), and each row's logits are those of its context and
+    prompt run alone."""
+    model = edited(arch, "ike", [REQUEST, SECOND])
+    prompts = [IN_SCOPE, "Everyone in Atlantis knows that Miles Davis plays the instrument"]
+    seen = []
+    hook = model.base_model.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    try:
+        got = logits(model, prompts)
+    finally:
+        hook.remove()
+    memory = model.get_edit().components[""][0]
+    contexts = [memory.context(memory.match(p)) for p in prompts]
+    context_tokens = [len(TOKENIZER(c)["input_ids"]) for c in contexts]
+    widths = [len(TOKENIZER(c + p)["input_ids"]) for c, p in zip(contexts, prompts)]
+    assert seen == [max(widths) - min(context_tokens)]
+    with model.disable_edits():
+        for row, (context, prompt) in enumerate(zip(contexts, prompts)):
+            alone = logits(model, [context + prompt])[0]
+            n = len(TOKENIZER(prompt)["input_ids"])
+            torch.testing.assert_close(got[row, :n], alone[-n:], atol=1e-4 * alone.abs().max(), rtol=0)
+            assert not got[row, n:].any()  # padding
+
+
+SHARING = ["The capital of Atlantis is", "People in Atlantis speak", "Miles Davis plays the",
+           "Nobody expected the weather to", "Atlantis is a"]  # three prompts of one context, one of another, one none
+# a fact whose context is longer than REQUEST's, so that the contexts of a batch are padded
+LONGER = EditRequest(prompt="{} plays the instrument", subject="Miles Davis",
+                     target_new="the electric violin, the piano and the drums")
+
+
+def assert_rows_as_alone(model, prompts, got):
+    """Every row of `got` (logits of a routed batch) equals its context and prompt run alone; padding is zero."""
+    contexts = model.routed_contexts(prompts)
+    with model.disable_edits(), torch.no_grad():
+        for row, (prompt, context) in enumerate(zip(prompts, contexts)):
+            ids = TOKENIZER(prompt)["input_ids"]
+            context_ids = TOKENIZER(context, add_special_tokens=False)["input_ids"] if context else []
+            alone = model(input_ids=torch.tensor([context_ids + ids])).logits[0, -len(ids):]
+            torch.testing.assert_close(got[row, : len(ids)], alone, atol=1e-5 * alone.abs().max(), rtol=0)
+            assert not got[row, len(ids):].any()
+
+
+def forward_shapes(model):
+    """Record the `input_ids` shape of every call of `model`'s base model (a hook; remove it with `.remove()`)."""
+    shapes = []
+    hook = model.base_model.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    return shapes, hook
+
+
+@pytest.mark.parametrize("arch", DECODER_ARCHITECTURES)
+def test_prompts_sharing_a_context_run_it_once_with_the_logits_of_each_prompt_run_alone(arch):
+    """A batch where three prompts fall under one fact, one under another and one under none: the two contexts run in
+    one pass, the four routed prompts after their context's cache, the plain one alone; every row's logits are those of
+    its context and prompt run on their own."""
+    model = edited(arch, "ike", [REQUEST, LONGER])
+    assert model.base_model.config.model_type in SHARED_CONTEXT_MODEL_TYPES
+    contexts = model.routed_contexts(SHARING)
+    assert contexts[0] == contexts[1] == contexts[4] != contexts[2] and contexts[3] is None
+    lengths = {len(TOKENIZER(c, add_special_tokens=False)["input_ids"]) for c in contexts if c}
+    assert len(lengths) == 2  # the shorter context is padded
+    shapes, hook = forward_shapes(model)
+    try:
+        got = logits(model, SHARING)
+    finally:
+        hook.remove()
+    assert [s[0] for s in shapes] == [2, 4, 1] and shapes[0][1] >= max(lengths)  # contexts, routed prompts, plain one
+    assert_rows_as_alone(model, SHARING, got)
+
+
+def test_a_sliding_window_shorter_than_the_routed_rows_runs_a_context_per_prompt():
+    """Gemma 3's sliding layers with a window shorter than the contexts: the window would slide over the padding of
+    the shorter context in the shared cache, so each prompt runs with its own copy of its context, in one pass."""
+    model = edited("gemma3", "ike", [REQUEST, LONGER])
+    model.base_model.config.sliding_window = 16
+    for layer in model.base_model.model.layers:
+        layer.self_attn.sliding_window = 16
+    shapes, hook = forward_shapes(model)
+    try:
+        got = logits(model, SHARING)
+    finally:
+        hook.remove()
+    assert [s[0] for s in shapes] == [len(SHARING)]
+    assert_rows_as_alone(model, SHARING, got)
+
+
+def test_the_scorer_batches_the_prompts_of_one_context_together():
+    """Batches of two over prompts of alternating contexts: the scorer pairs the prompts of each context, so every
+    batch runs one context; the scores are those of scoring each prompt alone."""
+    model = edited("llama", "ike", [REQUEST, SECOND])
+    prompts = ["Atlantis is", "Miles Davis is a", "The capital of Atlantis is", "Miles Davis plays the instrument"]
+    targets = [" big", " man", " Paris", " violin"]  # by length alone, each batch would mix the two contexts
+    shapes, hook = forward_shapes(model)
+    try:
+        together = BatchScorer(model, TOKENIZER, batch_size=2).score_targets(prompts, targets)
+    finally:
+        hook.remove()
+    assert [s[0] for s in shapes] == [1, 2, 1, 2]  # per batch: one context, then its two prompts
+    alone = BatchScorer(model, TOKENIZER, batch_size=1).score_targets(prompts, targets)
+    for a, b in zip(together, alone):
+        assert a.predicted_ids == b.predicted_ids and a.mean_log_prob == pytest.approx(b.mean_log_prob, abs=1e-5)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -27,6 +27,7 @@ class InContextMemory(ModelComponent):
     """
 
     kind: ClassVar[str] = "in_context_memory"
+    shares_long_contexts: ClassVar[bool] = True  # the demonstrations, the same for every prompt of a fact
 
     def __init__(self, entries: list[dict], scope: str = "subject"):
         super().__init__()
