@@ -11,6 +11,11 @@ at 4) and `tpatcher_memory_topk_cap` (both).
 
     python benchmarks/bench_side_memory.py --n 10
 
+`--ike-scoring N` instead scores the edit and paraphrase prompts of N records under one IKE edit of all of them (16
+demonstrations each) in padded batches three ways: each context run once per batch for the prompts that share it
+(what `EditedModel` does), each prompt with its own copy of its context, and that with logits at every position of
+the routed rows (the contexts' too): seconds, peak tensor memory, speed-ups and the largest difference of the scores.
+
 `--tpatcher-memory-reuse N` instead times N sequential T-Patcher edits with the paper's memory set (64 train-split
 records): the memory prompts' FFN inputs reused from the first edit, against recomputed at every edit.
 
@@ -21,6 +26,7 @@ SERAC needs a trained scope classifier (`serac_untrained` is the identity baseli
 """
 
 import argparse
+import contextlib
 import json
 import tempfile
 import time
@@ -69,6 +75,51 @@ def tpatcher_memory_reuse(edited, config, requests):
           f"(x{seconds['recomputed'] / seconds['reused']:.1f})", flush=True)
 
 
+def ike_scoring(edited, requests, paraphrases, scorer_batch_size):
+    """Time the scoring of routed prompts three ways: each context run once per batch for the prompts that share it
+    (what `EditedModel` does), each prompt run with its own copy of its context, and that with logits everywhere."""
+    from unittest import mock
+
+    from hf_knowedit import EditedModel
+    from hf_knowedit.memory import track_memory
+    from hf_knowedit.methods.ike import IKEConfig
+    from hf_knowedit.scoring import BatchScorer
+
+    edited.add_edits(IKEConfig(demonstrations_file=str(COUNTERFACT_TRAIN), num_demonstrations=16), requests,
+                     edit_name="bench")
+    prompts = [r.filled_prompt for r in requests] + paraphrases
+    targets = [r.target_new for r in requests] * 2
+    scorer = BatchScorer(edited, edited.tokenizer, batch_size=scorer_batch_size)
+    variants = {
+        "shared contexts": [],
+        "a context per prompt": [mock.patch.object(EditedModel, "_shared_context_logits", return_value=None)],
+        "a context per prompt, logits everywhere": [
+            mock.patch.object(EditedModel, "_shared_context_logits", return_value=None),
+            mock.patch.object(EditedModel, "_prompt_positions", return_value=None)],
+    }
+    figures, scores = {}, {}
+    for variant in list(variants) * 2:
+        with contextlib.ExitStack() as stack:
+            for patch in variants[variant]:
+                stack.enter_context(patch)
+            measured = stack.enter_context(track_memory())
+            start = time.perf_counter()
+            scores[variant] = scorer.score_targets(prompts, targets)
+            seconds = time.perf_counter() - start
+        best = figures.get(variant, (float("inf"), 0))
+        figures[variant] = (min(best[0], seconds), max(best[1], measured.peak_tensor_bytes))
+    edited.delete_edit("bench")
+    print(f"IKE scoring, {len(prompts)} routed prompts (an edit prompt and a paraphrase per fact), batches of "
+          f"{scorer_batch_size}, best of 2 runs each:")
+    slowest = figures["a context per prompt, logits everywhere"][0]
+    reference = scores["a context per prompt, logits everywhere"]
+    for variant, (seconds, peak) in figures.items():
+        same = all(a.predicted_ids == b.predicted_ids for a, b in zip(scores[variant], reference))
+        diff = max(abs(a.mean_log_prob - b.mean_log_prob) for a, b in zip(scores[variant], reference))
+        print(f"  {variant:42s} {seconds:6.1f} s ({slowest / seconds:.2f}x)  peak tensors {peak / 1e9:.2f} GB  "
+              f"same predictions: {same}, largest log-prob difference {diff:.1e}")
+
+
 def main():
     from hf_knowedit import EditedModel, EditRequest, load_default_model
     from hf_knowedit.methods.calinet import CaliNETConfig
@@ -84,6 +135,10 @@ def main():
                         help="Only time N (>= 2) sequential T-Patcher edits with the memory set, reused or recomputed.")
     parser.add_argument("--serac-editor", default=str(ROOT / "runs" / "serac-smollm2"),
                         help="SERAC's trained scope classifier (hf-knowedit train-editor --method serac --output DIR).")
+    parser.add_argument("--ike-scoring", type=int, default=0, metavar="N",
+                        help="Only time the scoring of N records' edit and paraphrase prompts under an IKE edit, "
+                             "logits at the prompts' positions against at every position.")
+    parser.add_argument("--scorer-batch-size", type=int, default=16)
     args = parser.parse_args()
     memory_set = dict(memory_file=str(COUNTERFACT_TRAIN), memory_records=64)
     configs = {
@@ -103,6 +158,12 @@ def main():
                             target_true=r["ground_truth"]) for r in records]
     model, tokenizer = load_default_model()
     edited = EditedModel(model, tokenizer)
+    if args.ike_scoring:
+        if args.ike_scoring > len(requests):
+            parser.error("--ike-scoring needs N <= --n.")
+        paraphrases = [r["rephrase_prompt"] for r in records[: args.ike_scoring]]
+        ike_scoring(edited, requests[: args.ike_scoring], paraphrases, args.scorer_batch_size)
+        return
     if args.tpatcher_memory_reuse:
         if args.tpatcher_memory_reuse < 2 or args.tpatcher_memory_reuse > len(requests):
             parser.error("--tpatcher-memory-reuse needs 2 <= N <= --n.")
