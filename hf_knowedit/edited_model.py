@@ -644,8 +644,9 @@ class EditedModel(nn.Module):
         up to float rounding, for a fraction of the time when prompts share long contexts (IKE's demonstrations).
         `None` when no context is shared or the model cannot take the cache and positions this needs."""
         routed = [i for i, (_, ctx_len) in enumerate(offsets) if ctx_len]
-        prefixes = {tuple(new_rows[i][: keep + ctx_len]): None for i in routed for keep, ctx_len in [offsets[i]]}
-        if (len(prefixes) == len(routed) or set(kwargs) - {"return_dict", "labels", "use_cache"}
+        prefix_of = [tuple(new_rows[i][: sum(offsets[i])]) for i in routed]  # the kept tokens and the context
+        group = {prefix: g for g, prefix in enumerate(dict.fromkeys(prefix_of))}
+        if (len(group) == len(routed) or set(kwargs) - {"return_dict", "labels", "use_cache"}
                 or any(len(rows[i]) == offsets[i][0] for i in routed)):  # nothing shared, other outputs, no prompt
             return None
         config = self.base_model.config
@@ -659,7 +660,6 @@ class EditedModel(nn.Module):
             # the window would slide over the padding of the shorter contexts
             return None
         device = mask.device
-        group = {prefix: g for g, prefix in enumerate(prefixes)}
 
         def padded(sequences):
             width = max(len(x) for x in sequences)
@@ -667,19 +667,19 @@ class EditedModel(nn.Module):
             ones = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in sequences], device=device)
             return ids, ones
 
-        context_ids, context_mask = padded(list(prefixes))
+        context_ids, context_mask = padded(list(group))
         lengths = context_mask.sum(-1)
         first = self.base_model(input_ids=context_ids, attention_mask=context_mask,
                                 position_ids=torch.arange(context_ids.shape[1], device=device).expand_as(context_ids),
                                 use_cache=True, logits_to_keep=torch.tensor([0], device=device), return_dict=True)
         cache = first.past_key_values
-        of_row = torch.tensor([group[tuple(new_rows[i][: sum(offsets[i])])] for i in routed], device=device)
+        of_row = torch.tensor([group[prefix] for prefix in prefix_of], device=device)
         cache.reorder_cache(of_row)
         own_ids, own_mask = padded([rows[i][offsets[i][0]:] for i in routed])
         positions = lengths[of_row].unsqueeze(-1) + torch.arange(own_ids.shape[1], device=device)
         second = self.base_model(input_ids=own_ids, attention_mask=torch.cat([context_mask[of_row], own_mask], -1),
                                  position_ids=positions, past_key_values=cache, use_cache=True, return_dict=True)
-        plain = [i for i in range(len(rows)) if i not in set(routed)]
+        plain = sorted(set(range(len(rows))) - set(routed))
         logits = second.logits.new_zeros(*mask.shape, second.logits.shape[-1])
         for k, i in enumerate(routed):
             keep = offsets[i][0]
