@@ -12,6 +12,7 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import artifacts
 from .architectures import resolve_layout
@@ -76,6 +77,16 @@ class ModelComponent(EditComponent):
 # plain attention caches, checked by the tests on tiny models of each; other models run a copy of the context per prompt
 SHARED_CONTEXT_MODEL_TYPES = frozenset({"gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "gemma",
                                         "gemma3_text", "opt", "phi3"})
+
+
+def _pad_rows(rows, pad: int, device, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id rows padded with `pad` to the longest (on the left for generation), and their attention mask."""
+    width = max(len(row) for row in rows)
+    padding = [[pad] * (width - len(row)) for row in rows]
+    ids = [(p + list(row)) if left else (list(row) + p) for row, p in zip(rows, padding, strict=True)]
+    ones = [([0] * len(p) + [1] * len(row)) if left else ([1] * len(row) + [0] * len(p))
+            for row, p in zip(rows, padding, strict=True)]
+    return torch.tensor(ids, device=device), torch.tensor(ones, device=device)
 
 
 class EditedModel(nn.Module):
@@ -587,15 +598,10 @@ class EditedModel(nn.Module):
         if not generate and not encoder_decoder:
             logits = self._shared_context_logits(rows, new_rows, offsets, mask, pad, kwargs)
             if logits is not None:
-                return self._routed_output(logits, kwargs.get("labels"), encoder_decoder=False)
-        left = generate and not encoder_decoder
-        width = max(len(r) for r in new_rows)
-        padded = [([pad] * (width - len(r)) + r) if left else (r + [pad] * (width - len(r))) for r in new_rows]
-        new_mask = [([0] * (width - len(r)) + [1] * len(r)) if left else ([1] * len(r) + [0] * (width - len(r)))
-                    for r in new_rows]
+                return self._routed_output(logits, kwargs.get("labels"), False, CausalLMOutputWithPast)
         device = input_ids.device
-        new_ids = torch.tensor(padded, dtype=input_ids.dtype, device=device)
-        new_mask = torch.tensor(new_mask, dtype=mask.dtype, device=device)
+        new_ids, new_mask = _pad_rows(new_rows, pad, device, left=generate and not encoder_decoder)
+        width = new_ids.shape[1]
         if generate:
             out = self.base_model.generate(input_ids=new_ids, attention_mask=new_mask, **kwargs)
             if encoder_decoder:
@@ -625,15 +631,13 @@ class EditedModel(nn.Module):
         return self._routed_output(logits, labels, encoder_decoder, type(out))
 
     @staticmethod
-    def _routed_output(logits, labels, encoder_decoder: bool, output_class=None):
-        """The output of a routed call: its logits, and the loss on `labels` when given."""
+    def _routed_output(logits, labels, encoder_decoder: bool, output_class):
+        """The output of a routed call (an `output_class`): its logits, and the loss on `labels` when given."""
         loss = None
         if labels is not None:
             aligned, targets = (logits, labels) if encoder_decoder else (logits[:, :-1], labels[:, 1:])
             loss = nn.functional.cross_entropy(aligned.reshape(-1, aligned.shape[-1]).float(),
                                                targets.reshape(-1), ignore_index=-100)
-        if output_class is None:
-            from transformers.modeling_outputs import CausalLMOutputWithPast as output_class
         return output_class(loss=loss, logits=logits)
 
     def _shared_context_logits(self, rows, new_rows, offsets, mask, pad, kwargs) -> torch.Tensor | None:
@@ -650,9 +654,8 @@ class EditedModel(nn.Module):
                 or any(len(rows[i]) == offsets[i][0] for i in routed)):  # nothing shared, other outputs, no prompt
             return None
         config = self.base_model.config
-        needed = {"position_ids", "past_key_values", "logits_to_keep"}
         if (config.model_type not in SHARED_CONTEXT_MODEL_TYPES
-                or not needed <= set(inspect.signature(self.base_model.forward).parameters)):
+                or not self._forward_accepts("position_ids", "past_key_values", "logits_to_keep")):
             return None
         window = getattr(config, "sliding_window", None)
         layer_types = getattr(config, "layer_types", None) or ["sliding_attention"]
@@ -660,14 +663,7 @@ class EditedModel(nn.Module):
             # the window would slide over the padding of the shorter contexts
             return None
         device = mask.device
-
-        def padded(sequences):
-            width = max(len(x) for x in sequences)
-            ids = torch.tensor([list(x) + [pad] * (width - len(x)) for x in sequences], device=device)
-            ones = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in sequences], device=device)
-            return ids, ones
-
-        context_ids, context_mask = padded(list(group))
+        context_ids, context_mask = _pad_rows(list(group), pad, device)
         lengths = context_mask.sum(-1)
         first = self.base_model(input_ids=context_ids, attention_mask=context_mask,
                                 position_ids=torch.arange(context_ids.shape[1], device=device).expand_as(context_ids),
@@ -675,7 +671,7 @@ class EditedModel(nn.Module):
         cache = first.past_key_values
         of_row = torch.tensor([group[prefix] for prefix in prefix_of], device=device)
         cache.reorder_cache(of_row)
-        own_ids, own_mask = padded([rows[i][offsets[i][0]:] for i in routed])
+        own_ids, own_mask = _pad_rows([rows[i][offsets[i][0]:] for i in routed], pad, device)
         positions = lengths[of_row].unsqueeze(-1) + torch.arange(own_ids.shape[1], device=device)
         second = self.base_model(input_ids=own_ids, attention_mask=torch.cat([context_mask[of_row], own_mask], -1),
                                  position_ids=positions, past_key_values=cache, use_cache=True, return_dict=True)
@@ -686,7 +682,7 @@ class EditedModel(nn.Module):
             head = first.logits[of_row[k], :keep]  # the logits of the kept tokens (a BOS): before any context
             logits[i, mask[i].bool()] = torch.cat([head, second.logits[k, : len(rows[i]) - keep]])
         if plain:
-            plain_ids, plain_mask = padded([rows[i] for i in plain])
+            plain_ids, plain_mask = _pad_rows([rows[i] for i in plain], pad, device)
             out = self.base_model(input_ids=plain_ids, attention_mask=plain_mask, return_dict=True)
             for k, i in enumerate(plain):
                 logits[i, mask[i].bool()] = out.logits[k, : len(rows[i])]
@@ -699,9 +695,13 @@ class EditedModel(nn.Module):
         and a fifth of the time. `None` when every position is needed or the model cannot skip any."""
         start = min(keep + ctx_len for keep, ctx_len in offsets)  # the first prompt token after a context
         head = max(keep for keep, _ in offsets)  # the tokens kept before the contexts (a BOS)
-        if start <= head or "logits_to_keep" not in inspect.signature(self.base_model.forward).parameters:
+        if start <= head or not self._forward_accepts("logits_to_keep"):
             return None
         return torch.cat([torch.arange(head), torch.arange(start, width)])
+
+    def _forward_accepts(self, *names: str) -> bool:
+        """Whether the base model's forward takes all these keyword arguments."""
+        return set(names) <= set(inspect.signature(self.base_model.forward).parameters)
 
     def _active_weight_deltas(self) -> dict[str, torch.Tensor]:
         deltas: dict[str, torch.Tensor] = {}
