@@ -20,6 +20,7 @@ from hf_knowedit import (
 )
 from hf_knowedit.artifacts import file_sha256
 from hf_knowedit.methods.serac import SERACConfig, SERACMemory
+from hf_knowedit.scoring import BatchScorer
 from hf_knowedit.training import EditorTrainingArguments, TrainedEditor, load_editor_for, train_editor
 
 from .helpers import TOKENIZER
@@ -98,6 +99,35 @@ def test_mixed_batch_is_routed_per_prompt(arch):
     for row, prompt in enumerate(prompts):
         alone = logits(model, [prompt])[0]
         assert close(mixed[row, : alone.shape[0]], alone), (arch, prompt)
+
+
+def test_the_scorer_keeps_length_sorted_batches_under_serac():
+    """SERAC's contexts are one short fact each (`shares_long_contexts` False): the scorer does not group prompts by
+    context but sorts them by length, each batch runs its rows (each in-scope prompt after its own fact) in one pass,
+    and the scores are
+    those of scoring each prompt alone."""
+    model = edited("llama", [REQUEST, SECOND])
+    prompts = ["Miles Davis plays the instrument", "Atlantis is", IN_SCOPE[0], OUT_OF_SCOPE]
+    targets = [" violin", " big", " Paris", " change"]
+    assert model.context_groups(prompts) is None
+    rows = []
+    hook = model.base_model.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(TOKENIZER.batch_decode(kwargs["input_ids"], skip_special_tokens=True)),
+        with_kwargs=True)
+    try:
+        together = BatchScorer(model, TOKENIZER, batch_size=2).score_targets(prompts, targets)
+    finally:
+        hook.remove()
+    by_length = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(targets[i]))
+    # per batch of two: the scope classifier's features of its rows, then the rows routed (the in-scope one after its
+    # fact), in one pass each
+    assert [len(batch) for batch in rows] == [2, 2, 2, 2]
+    for routed, indices in zip(rows[1::2], (by_length[:2], by_length[2:])):
+        assert all(any(row.endswith(prompts[i] + targets[i]) for row in routed) for i in indices)
+    assert sum(row.startswith("New Fact:") for batch in rows[1::2] for row in batch) == 2
+    alone = BatchScorer(model, TOKENIZER, batch_size=1).score_targets(prompts, targets)
+    for a, b in zip(together, alone):
+        assert a.predicted_ids == b.predicted_ids and a.mean_log_prob == pytest.approx(b.mean_log_prob, abs=1e-5)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
