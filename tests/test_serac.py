@@ -104,8 +104,7 @@ def test_mixed_batch_is_routed_per_prompt(arch):
 def test_the_scorer_keeps_length_sorted_batches_under_serac():
     """SERAC's contexts are one short fact each (`shares_long_contexts` False): the scorer does not group prompts by
     context but sorts them by length, each batch runs its rows (each in-scope prompt after its own fact) in one pass,
-    and the scores are
-    those of scoring each prompt alone."""
+    and the scores are those of scoring each prompt alone."""
     model = edited("llama", [REQUEST, SECOND])
     prompts = ["Miles Davis plays the instrument", "Atlantis is", IN_SCOPE[0], OUT_OF_SCOPE]
     targets = [" violin", " big", " Paris", " change"]
