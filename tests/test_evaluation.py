@@ -531,6 +531,23 @@ def test_plot_lines_and_bars_that_share_a_name_say_what_tells_them_apart(tmp_pat
     assert [p.name for p in plot_metrics_vs_edits(runs, tmp_path)] == ["metrics_vs_edits_cf.png"]
 
 
+def test_table_of_all_runs_names_the_config_that_tells_runs_of_one_method_apart():
+    """Two IKE runs with different demonstrations get the file in their label; a method with one config keeps its
+    label alone; the main table keeps one row per method."""
+    def summary(method, config):
+        return {**_table_summary(method, 5, 0.1), "method_config": config}
+
+    runs = [(Path("runs/ike_cf"), summary("IKE", {"demonstrations_file": "/data/counterfact-train.json", "k": 16})),
+            (Path("runs/ike_zsre"), summary("IKE", {"demonstrations_file": "/data/zsre_train.json", "k": 16})),
+            (Path("runs/rome"), summary("ROME", {"layers": [4]}))]
+    table = markdown_tables(runs)
+    rows = [line.split(" | ")[0] for line in table.split("All runs:")[1].splitlines() if line.startswith("| ")][1:]
+    assert rows == ["| IKE (demonstrations_file=counterfact-train.json)", "| IKE (demonstrations_file=zsre_train.json)",
+                    "| ROME"]
+    main = table.split("All runs:")[0]
+    assert "| IKE | " in main and "demonstrations_file" not in main
+
+
 def test_unedited_row_comes_from_the_run_with_the_most_cases():
     runs = [(Path("runs/a"), _table_summary("A", 25, 0.10)), (Path("runs/b"), _table_summary("B", 200, 0.25))]
     table = markdown_tables(runs)

@@ -111,7 +111,8 @@ def add_report_parser(subparsers) -> argparse.ArgumentParser:
         "report",
         help="Render tables and plots from evaluation runs.",
         description="Read the summary.json of each run directory given (or found below it) and write report.md (a "
-        "method x dataset table of reliability, generalization, locality and portability, and a table of every run) "
+        "method x dataset table of reliability, generalization, locality and portability, and a table of every run, "
+        "where runs of one method with different configs are named by the fields that differ) "
         "and PNG plots of each metric against the number of edits and of time and memory per method.",
     )
     parser.add_argument("runs", nargs="+", help="Run directories, or folders holding run directories.")

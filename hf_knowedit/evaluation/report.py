@@ -130,13 +130,14 @@ def markdown_tables(runs: list[tuple[Path, dict]], protocol: str = "token_accura
               "| Method | Dataset | Mode | Batch | Schedule | Cases | "
               + " | ".join(label for _, label in ALL_METRICS) + " | Edit s/case | Peak RSS GB | Run |",
               "|---|---|---|---|---|---|" + "---|" * len(ALL_METRICS) + "---|---|---|"]
-    for directory, summary in sorted(runs, key=lambda r: (r[1]["dataset_name"], r[1]["method_label"],
-                                                         r[1]["mode"], r[1]["batch_size"])):
+    labelled = zip(runs, config_variant_names(runs), strict=True)
+    for (directory, summary), label in sorted(labelled, key=lambda r: (r[0][1]["dataset_name"], r[1],
+                                                                       r[0][1]["mode"], r[0][1]["batch_size"])):
         eff = summary["efficiency"]
         seconds = eff["edit_seconds_per_case"]["mean"]
         rss = eff.get("rss_peak_bytes")
         lines.append(
-            f"| {summary['method_label']} | {summary['dataset_name']} | {summary['mode']}"
+            f"| {label} | {summary['dataset_name']} | {summary['mode']}"
             f"{' †' if _editor_saw_probes(summary) else ''} | {summary['batch_size']} | {summary['eval_schedule']} | "
             f"{summary['num_completed']}/{summary['num_cases']}"
             f"{f' ({refused} refused)' if (refused := summary.get('edits_refused')) else ''} | "
@@ -148,6 +149,13 @@ def markdown_tables(runs: list[tuple[Path, dict]], protocol: str = "token_accura
         lines += ["", "† The editor was given the rephrase, locality and portability prompts it was scored on "
                   "(`editor_sees_probes`; runs made before that setting existed read as such)."]
     return "\n".join(lines) + "\n"
+
+
+def config_variant_names(runs: list[tuple[Path, dict]]) -> list[str]:
+    """The method's label of each run, followed, where runs of one method ran with different configs or settings
+    (say IKE with CounterFact's and with zsRE's demonstrations), by the fields whose values tell them apart."""
+    return _distinct_names(runs, lambda s: s["method_label"],
+                           lambda d, s: json.dumps(_variant(s), sort_keys=True, default=str))
 
 
 def _editor_saw_probes(summary: dict) -> bool:
