@@ -23,7 +23,7 @@ from hf_knowedit.evaluation import (
     run_evaluation,
 )
 from hf_knowedit.evaluation.cli import add_evaluate_parser, add_report_parser
-from hf_knowedit.evaluation.harness import NORMAL_CLIPPED, default_label
+from hf_knowedit.evaluation.harness import NORMAL_CLIPPED, _differences, default_label
 from hf_knowedit.evaluation.probes import ChatTemplateError, apply_chat_template, chat_prompt
 from hf_knowedit.evaluation.report import (
     _cell,
@@ -238,6 +238,16 @@ def test_refuses_to_mix_settings_unless_overwrite(dataset, tmp_path):
     _run(sequential, tmp_path / "seq")
     with pytest.raises(EvaluationSettingsError, match="n: 2 there, 3 now"):  # sequential state depends on n
         _run(_settings(dataset, "sequential", 1, n=3), tmp_path / "seq")
+    # the message names the config fields that differ, not the whole configs, and `n` as it was set in either mode
+    other = _settings(dataset, n=3)
+    other.config = {**CONFIG, "lr": 0.1, "layers": [0]}
+    with pytest.raises(EvaluationSettingsError) as error:
+        _run(other, tmp_path / "seq")
+    details = str(error.value).split("other settings (")[1].split("). Use")[0]
+    assert details == ("config.layers: None there, [0] now; config.lr: 0.05 there, 0.1 now; "
+                       "mode: 'sequential' there, 'single' now; n: 2 there, 3 now")
+    # a field that a run of an older version did not store
+    assert _differences("config", {"lr": 0.1}, {"lr": 0.1, "rank": 2}) == "config.rank: (not set) there, 2 now"
 
 
 def test_resumes_when_the_same_dataset_is_named_by_another_path(dataset, tmp_path, monkeypatch):

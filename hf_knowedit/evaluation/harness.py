@@ -409,7 +409,9 @@ def _prepare_output(output_dir: Path, settings: EvaluationSettings, overwrite: b
             previous["dataset"] = current["dataset"]  # the same file, named by another path (relative, moved)
         differing = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
         if differing and not overwrite:
-            details = "; ".join(f"{k}: {previous.get(k)!r} there, {current.get(k)!r} now" for k in differing)
+            shown = asdict(settings)  # a setting compared in one mode only (`n`) shows its value in both
+            pairs = {k: (previous.get(k, stored.get(k)), current.get(k, shown.get(k))) for k in differing}
+            details = "; ".join(_differences(k, there, now) for k, (there, now) in pairs.items() if there != now)
             raise EvaluationSettingsError(
                 f"The output directory {str(output_dir)!r} holds a run with other settings ({details}). Use another "
                 "directory, or overwrite=True (--overwrite) to delete that run."
@@ -418,6 +420,20 @@ def _prepare_output(output_dir: Path, settings: EvaluationSettings, overwrite: b
         for name in (SETTINGS_NAME, PRE_NAME, RESULTS_NAME, CURVE_NAME, SUMMARY_NAME):
             (output_dir / name).unlink(missing_ok=True)
     write_json(path, {**asdict(settings), "dataset_sha256": dataset_sha256})
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "(not set)"
+
+
+def _differences(key: str, there, now) -> str:
+    """`key: <there> there, <now> now`, or for two dicts (a method's config) the same for each field that differs."""
+    if not (isinstance(there, dict) and isinstance(now, dict)):
+        return f"{key}: {there!r} there, {now!r} now"
+    absent = _Absent()
+    fields = sorted(f for f in set(there) | set(now) if there.get(f, absent) != now.get(f, absent))
+    return "; ".join(f"{key}.{f}: {there.get(f, absent)!r} there, {now.get(f, absent)!r} now" for f in fields)
 
 
 def _seed(seed: int) -> None:
