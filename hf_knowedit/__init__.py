@@ -39,6 +39,7 @@ from .methods.tpatcher import TPatcherConfig
 from .modeling import load_default_model, load_model_and_tokenizer
 from .peft_export import export_peft_lora
 from .requests import EditRequest, EvalPrompt
+from .resumable import resumable_edits
 from .scoring import BatchScorer
 from .statistics import LayerStatistics, get_layer_statistics
 from .training import EditorTrainingArguments, TrainedEditor, register_trainable_editor, train_editor
@@ -103,6 +104,7 @@ __all__ = [
     "register_edit_method",
     "register_trainable_editor",
     "resolve_layout",
+    "resumable_edits",
     "run_evaluation",
     "train_editor",
     "unregister_architecture",

@@ -2,7 +2,9 @@
 
 import contextlib
 import copy
+import hashlib
 import inspect
+import json
 import os
 import time
 from collections.abc import Iterable
@@ -791,6 +793,42 @@ class EditedModel(nn.Module):
             id(self.tokenizer), self._disabled, tuple(self._merged),
         )
         return key, [*tensors, *components, self.tokenizer]
+
+    def state_digest(self) -> str:
+        """A SHA-256 of everything a forward pass depends on, by content: the bytes, dtype and shape of every base
+        parameter and buffer (by name), the tokenizer's vocabulary and special tokens, whether edits are disabled,
+        which are merged, and every active and pending component's kind, settings and tensors, in order. Equal
+        digests mean the same model in any process (see `hf_knowedit.resumable`); unlike :meth:`computation_state`
+        it reads every tensor (0.8 s for the default model's 135M fp32 parameters on a CPU)."""
+        digest = hashlib.sha256()
+
+        def add_tensor(name: str, tensor: torch.Tensor) -> None:
+            tensor = tensor.detach()
+            if tensor.device.type == "meta":
+                raise OffloadedWeightsError(
+                    f"{name!r} is offloaded (on the meta device): the model's state cannot be read to hash it. Load "
+                    "the model without disk or CPU offload to hash it."
+                )
+            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(tensor.contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+
+        for name, tensor in [*self.base_model.named_parameters(), *self.base_model.named_buffers()]:
+            add_tensor(name, tensor)
+        if self.tokenizer is not None:
+            vocab = self.tokenizer.get_vocab() if hasattr(self.tokenizer, "get_vocab") else {}
+            digest.update(json.dumps([sorted(vocab.items()), str(self.tokenizer.special_tokens_map),
+                                      getattr(self.tokenizer, "padding_side", None)], default=str).encode())
+        digest.update(json.dumps([self._disabled, self._merged, self._active]).encode())
+        pending = [("(pending)", path, comps) for path, comps in sorted(self._pending.items())]
+        active = [(name, path, comps) for name in self._active
+                  for path, comps in self._edits[name].components.items()]
+        for name, path, comps in active + pending:
+            for number, component in enumerate(comps):
+                prefix = f"{name}|{path}|{number}|{component.kind}"
+                digest.update(f"{prefix}|{json.dumps(component.extra_meta(), sort_keys=True, default=str)}".encode())
+                for tensor_name, tensor in sorted(component.state_dict().items()):
+                    add_tensor(f"{prefix}.{tensor_name}", tensor)
+        return digest.hexdigest()
 
 
 def _method_settings(config: EditConfig) -> dict:

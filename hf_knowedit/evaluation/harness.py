@@ -18,6 +18,8 @@ A run writes into its output directory:
 - `snapshots/at-<N>/` (sequential runs, while they are not complete): the edited state after the last N edits
   snapshotted (see `hf_knowedit.evaluation.snapshots`; `snapshot_every` of `run_evaluation` says when), deleted when
   the stream ends.
+- `edit_work/chunk-<N>/` (chunks of more than one case in `single` and `batch` modes, while the chunk is not
+  recorded): the per-request work its edit finished (target values, knowledge neurons: `hf_knowedit.resumable`).
 
 Modes:
 
@@ -28,14 +30,17 @@ Modes:
   accumulating; scored per the schedule: `final` (every case after all edits), `immediate` (each chunk right after its
   edit) or `every:K` (all cases edited so far after every K edits; per-case records hold the final scores).
 
-Resuming: in `single` and `batch` modes the chunks whose cases all have records are skipped. In `sequential` mode the
-model's state is loaded from the latest snapshot that holds no edit whose scores are owed (with `every:K`, the last
-checkpoint's; with `immediate`, one at or before the last chunk scored; with `final`, any): the edit, what the method
-keeps between calls, and the edits' seconds and refusals. The stream goes on from there as if it had not stopped;
-edits scored already that no snapshot holds (a run made before snapshots were written, a damaged snapshot, the edits
-after the last snapshot of an `immediate` stream) are recomputed without being scored again. A `final` stream also
-snapshots its last edit and records its scores round by round (`scorer_batch_size` cases per process), so that a run
-stopped while scoring resumes from that snapshot and scores only the cases left.
+Resuming: in `single` and `batch` modes the chunks whose cases all have records are skipped, and a chunk stopped
+during its edit or its scoring is edited again with the work its edit had finished (a batch of 1,000 MEMIT or KN
+edits takes hours on a CPU); its edit seconds count the reused work's seconds, as if it had not stopped. In
+`sequential` mode the model's state is loaded from the latest snapshot that holds no edit whose scores are owed
+(with `every:K`, the last checkpoint's; with `immediate`, one at or before the last chunk scored; with `final`,
+any): the edit, what the method keeps between calls, and the edits' seconds and refusals. The stream goes on from
+there as if it had not stopped; edits scored already that no snapshot holds (a run made before snapshots were
+written, a damaged snapshot, the edits after the last snapshot of an `immediate` stream) are recomputed without
+being scored again. A `final` stream also snapshots its last edit and records its scores round by round
+(`scorer_batch_size` cases per process), so that a run stopped while scoring resumes from that snapshot and scores
+only the cases left.
 
 Several processes (`accelerate launch --multi_gpu --num_processes N`, `torchrun --nproc_per_node N`): the harness
 joins the process group through accelerate's `PartialState` (NCCL on one GPU per process, gloo on CPU-only machines)
@@ -75,6 +80,7 @@ import platform
 import random
 import re
 import resource
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -89,6 +95,7 @@ from ..distributed import join_process_group, rank_and_world_size
 from ..edited_model import EditedModel
 from ..errors import EditFailedError, KnowEditError
 from ..metrics import FLUENCY_PROTOCOL, PROTOCOLS
+from ..resumable import resumable_edits
 from ..scoring import BatchScorer
 from ..statistics import _sha256_json
 from ..utils import get_logger, tqdm, write_json
@@ -105,6 +112,7 @@ PRE_NAME = "pre.jsonl"
 RESULTS_NAME = "results.jsonl"
 CURVE_NAME = "curve.jsonl"
 SUMMARY_NAME = "summary.json"
+EDIT_WORK_NAME = "edit_work"  # the finished per-request work of batch edits not yet scored
 EDIT_NAME = "evaluation"
 NORMAL_CLIPPED = "normal, clipped to [0, 1]"
 CI_METHOD = ("over cases, 95%: scores that are all 0 or 1, Wilson's score interval (z = 1.96); other scores, the "
@@ -419,6 +427,7 @@ def _prepare_output(output_dir: Path, settings: EvaluationSettings, overwrite: b
     if overwrite:
         for name in (SETTINGS_NAME, PRE_NAME, RESULTS_NAME, CURVE_NAME, SUMMARY_NAME):
             (output_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(output_dir / EDIT_WORK_NAME, ignore_errors=True)
     write_json(path, {**asdict(settings), "dataset_sha256": dataset_sha256})
 
 
@@ -662,8 +671,14 @@ def run_evaluation(
             torch.cuda.reset_peak_memory_stats()
         _seed(settings.seed + chunk_no)
         start = time.perf_counter()
-        refused = apply_edits(chunk)
-        edit_seconds = (time.perf_counter() - start) / len(chunk)
+        if len(chunk) > 1:  # a batch's long per-request work is kept until its scores are recorded (see below)
+            with resumable_edits(_edit_work_dir(output_dir, chunk_no)) as work:
+                refused = apply_edits(chunk)
+            # the edit's time is that of an uninterrupted one: the pieces an earlier, stopped run computed count too
+            reused_seconds = work.reused_seconds
+        else:
+            refused, reused_seconds = apply_edits(chunk), 0.0
+        edit_seconds = (time.perf_counter() - start + reused_seconds) / len(chunk)
         records = score_and_record(chunk, chunk_no, edit_seconds, len(chunk))
         if refused is None:
             edited.delete_edit(EDIT_NAME)
@@ -676,10 +691,11 @@ def run_evaluation(
     if settings.mode in ("single", "batch"):
         todo = [(chunk_no, chunk) for chunk_no, chunk in enumerate(chunks)
                 if not all(i in done and done[i].get("chunk_indices") == chunk for i in chunk)]
-        for _, results in processes.rounds(todo, edit_and_score):
+        for round_items, results in processes.rounds(todo, edit_and_score):
             if processes.is_main:
-                for records in results:
+                for (chunk_no, _), records in zip(round_items, results, strict=True):
                     commit(records)
+                    shutil.rmtree(_edit_work_dir(output_dir, chunk_no), ignore_errors=True)
     elif not all(i in done for i in indices):
         curve = processes.on_main(lambda: _trim_curve(curve_path, len(indices)))
         resume_edits = 0  # edits whose scores are recorded: recomputed to rebuild the state, not scored again
@@ -758,6 +774,12 @@ def run_evaluation(
     bar.close()
 
     return processes.on_main(write_summary)
+
+
+def _edit_work_dir(output_dir: Path, chunk_no: int) -> Path:
+    """Where the edit of a batch keeps its finished per-request work (`hf_knowedit.resumable`) until the batch's scores
+    are recorded, so that a run stopped during a long batch edit, or during its scoring, resumes that edit from it."""
+    return output_dir / EDIT_WORK_NAME / f"chunk-{chunk_no}"
 
 
 def _snapshot_interval(settings: EvaluationSettings, requested: int | None) -> int:

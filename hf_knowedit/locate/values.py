@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..deltas import as_token_grid, first_tensor
 from ..devices import input_device
 from ..errors import EditFailedError
+from ..resumable import edit_work_piece
 from ..tokenization import encode_prompt_target
 from ..utils import get_logger, tqdm
 from .keys import prefixed_prompts, subject_positions
@@ -29,6 +30,9 @@ from .resume import ResumableForward, add_at_positions
 
 logger = get_logger(__name__)
 KL_PROMPT = "{} is a"
+# the config fields the values depend on (a resumable edit's pieces are keyed by them, see `hf_knowedit.resumable`)
+VALUE_FIELDS = ("v_lr", "v_num_grad_steps", "kl_factor", "v_weight_decay", "clamp_norm_factor", "target_probability",
+                "values_batch_size")
 EDIT_SITES = ("mlp_out", "block_out")
 
 
@@ -68,12 +72,20 @@ def optimize_target_values(edited_model, requests, layer: int, prefixes: list[st
     targets, initial, steps, probs = [], [], [], []
     size = config.values_batch_size
     chunks = [requests[i : i + size] for i in range(0, len(requests), size)]
+    settings = {name: getattr(config, name) for name in VALUE_FIELDS}
     for chunk in tqdm(chunks, desc="target values", leave=False, disable=len(chunks) < 2 or None):
-        t, v0, s, p = _optimize_chunk(edited_model, chunk, layer, prefixes, config, site)
-        targets.append(t)
-        initial.append(v0)
-        steps.append(s)
-        probs.append(p)
+        inputs = {"layer": layer, "site": site, "prefixes": prefixes, "config": settings,
+                  "requests": [[r.prompt, r.subject, r.target_new] for r in chunk]}
+
+        def compute(chunk=chunk):
+            t, v0, s, p = _optimize_chunk(edited_model, chunk, layer, prefixes, config, site)
+            return {"targets": t, "initial": v0, "steps": torch.tensor(s), "probs": p}
+
+        piece = edit_work_piece("target_values", edited_model, inputs, compute)
+        targets.append(piece["targets"])
+        initial.append(piece["initial"])
+        steps.append(int(piece["steps"]))
+        probs.append(piece["probs"])
     probs = torch.cat(probs)
     stats = {"value_steps": max(steps), "target_probability_mean": float(probs.mean()),
              "target_probability_min": float(probs.min())}

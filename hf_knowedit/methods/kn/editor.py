@@ -5,8 +5,13 @@ from ...deltas import SparseDelta
 from ...devices import execution_device, materialized_weight
 from ...editor import BaseEditor
 from ...errors import EditFailedError
+from ...resumable import edit_work_piece
 from .attribution import integrated_gradients, neuron_activations, prompt_probe, select_neurons, top_prediction
 from .config import KNConfig
+
+
+# the config fields the neurons depend on (a resumable edit's pieces are keyed by them, see `hf_knowedit.resumable`)
+ATTRIBUTION_FIELDS = ("steps", "attribution_threshold", "refinement_share", "max_neurons")
 
 
 class KNEditor(BaseEditor):
@@ -27,23 +32,35 @@ class KNEditor(BaseEditor):
         output_embedding = materialized_weight(layout.lm_head(model)).detach().float()
         columns: dict[int, dict[int, torch.Tensor]] = {layer: {} for layer in layers}
         all_neurons = []
+        settings = {name: getattr(config, name) for name in ATTRIBUTION_FIELDS}
         for request in requests:
-            probe, new_token = prompt_probe(model, tokenizer, request.filled_prompt, request.target_new)
-            if request.target_true is not None:
-                old_token = prompt_probe(model, tokenizer, request.filled_prompt, request.target_true)[1]
-            else:
-                old_token = top_prediction(model, probe)
-            attributions = []
-            for prompt in [request.filled_prompt, *request.rephrase_prompts]:
-                prompt_ready = prompt_probe(model, tokenizer, prompt, request.target_new)[0]
-                activations = neuron_activations(model, modules, prompt_ready)
-                attributions.append({
-                    layer: integrated_gradients(model, modules[layer], prompt_ready, activations[layer], old_token,
-                                                config.steps)
-                    for layer in layers
-                })
-            neurons = select_neurons(attributions, config.attribution_threshold, config.refinement_share,
-                                     config.max_neurons)
+            def attribute(request=request):
+                """The request's knowledge neurons `(k, 2)` (layer, index) and its (old, new) target tokens."""
+                probe, new_token = prompt_probe(model, tokenizer, request.filled_prompt, request.target_new)
+                if request.target_true is not None:
+                    old_token = prompt_probe(model, tokenizer, request.filled_prompt, request.target_true)[1]
+                else:
+                    old_token = top_prediction(model, probe)
+                attributions = []
+                for prompt in [request.filled_prompt, *request.rephrase_prompts]:
+                    prompt_ready = prompt_probe(model, tokenizer, prompt, request.target_new)[0]
+                    activations = neuron_activations(model, modules, prompt_ready)
+                    attributions.append({
+                        layer: integrated_gradients(model, modules[layer], prompt_ready, activations[layer], old_token,
+                                                    config.steps)
+                        for layer in layers
+                    })
+                neurons = select_neurons(attributions, config.attribution_threshold, config.refinement_share,
+                                         config.max_neurons)
+                return {"neurons": torch.tensor(neurons, dtype=torch.long).reshape(-1, 2),
+                        "tokens": torch.tensor([old_token, new_token])}
+
+            inputs = {"layers": layers, "config": settings, "prompt": request.filled_prompt,
+                      "rephrase_prompts": request.rephrase_prompts, "target_new": request.target_new,
+                      "target_true": request.target_true}
+            piece = edit_work_piece("kn_neurons", edited_model, inputs, attribute)
+            neurons = [tuple(pair) for pair in piece["neurons"].tolist()]
+            old_token, new_token = piece["tokens"].tolist()
             if not neurons:
                 raise EditFailedError(
                     f"KN found no neuron with a positive attribution for {request.filled_prompt!r}; nothing was "
