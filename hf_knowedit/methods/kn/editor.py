@@ -26,7 +26,7 @@ class KNEditor(BaseEditor):
 
     def compute_components(self, edited_model, requests):
         config = self.config
-        model, tokenizer, layout = edited_model.base_model, edited_model.tokenizer, edited_model.layout
+        model, layout = edited_model.base_model, edited_model.layout
         layers = config.resolve_layers(layout)
         modules = {layer: layout.mlp_out(model, layer) for layer in layers}
         output_embedding = materialized_weight(layout.lm_head(model)).detach().float()
@@ -34,31 +34,11 @@ class KNEditor(BaseEditor):
         all_neurons = []
         settings = {name: getattr(config, name) for name in ATTRIBUTION_FIELDS}
         for request in requests:
-            def attribute(request=request):
-                """The request's knowledge neurons `(k, 2)` (layer, index) and its (old, new) target tokens."""
-                probe, new_token = prompt_probe(model, tokenizer, request.filled_prompt, request.target_new)
-                if request.target_true is not None:
-                    old_token = prompt_probe(model, tokenizer, request.filled_prompt, request.target_true)[1]
-                else:
-                    old_token = top_prediction(model, probe)
-                attributions = []
-                for prompt in [request.filled_prompt, *request.rephrase_prompts]:
-                    prompt_ready = prompt_probe(model, tokenizer, prompt, request.target_new)[0]
-                    activations = neuron_activations(model, modules, prompt_ready)
-                    attributions.append({
-                        layer: integrated_gradients(model, modules[layer], prompt_ready, activations[layer], old_token,
-                                                    config.steps)
-                        for layer in layers
-                    })
-                neurons = select_neurons(attributions, config.attribution_threshold, config.refinement_share,
-                                         config.max_neurons)
-                return {"neurons": torch.tensor(neurons, dtype=torch.long).reshape(-1, 2),
-                        "tokens": torch.tensor([old_token, new_token])}
-
             inputs = {"layers": layers, "config": settings, "prompt": request.filled_prompt,
                       "rephrase_prompts": request.rephrase_prompts, "target_new": request.target_new,
                       "target_true": request.target_true}
-            piece = edit_work_piece("kn_neurons", edited_model, inputs, attribute)
+            piece = edit_work_piece("kn_neurons", edited_model, inputs,
+                                    lambda request=request: self.knowledge_neurons(edited_model, modules, request))
             neurons = [tuple(pair) for pair in piece["neurons"].tolist()]
             old_token, new_token = piece["tokens"].tolist()
             if not neurons:
@@ -87,3 +67,26 @@ class KNEditor(BaseEditor):
             "kn_num_neurons": len(set(all_neurons)),
         }
         return components
+
+    def knowledge_neurons(self, edited_model, modules: dict, request) -> dict[str, torch.Tensor]:
+        """The request's knowledge neurons, `neurons` `(k, 2)` (layer, index), and its target tokens, `tokens`
+        (old, new): the neurons whose integrated-gradient attribution to the old token passes the threshold on its
+        prompts (Dai et al. 2022, §3)."""
+        config, model, tokenizer = self.config, edited_model.base_model, edited_model.tokenizer
+        probe, new_token = prompt_probe(model, tokenizer, request.filled_prompt, request.target_new)
+        if request.target_true is not None:
+            old_token = prompt_probe(model, tokenizer, request.filled_prompt, request.target_true)[1]
+        else:
+            old_token = top_prediction(model, probe)
+        attributions = []
+        for prompt in [request.filled_prompt, *request.rephrase_prompts]:
+            prompt_ready = prompt_probe(model, tokenizer, prompt, request.target_new)[0]
+            activations = neuron_activations(model, modules, prompt_ready)
+            attributions.append({
+                layer: integrated_gradients(model, module, prompt_ready, activations[layer], old_token, config.steps)
+                for layer, module in modules.items()
+            })
+        neurons = select_neurons(attributions, config.attribution_threshold, config.refinement_share,
+                                 config.max_neurons)
+        return {"neurons": torch.tensor(neurons, dtype=torch.long).reshape(-1, 2),
+                "tokens": torch.tensor([old_token, new_token])}
