@@ -101,8 +101,10 @@ class EditWork:
         if path.is_file():
             try:
                 with safe_open(str(path), framework="pt") as stored:
-                    seconds = float(stored.metadata()["seconds"])
-                    tensors = {name: stored.get_tensor(name).to(_device(edited_model)) for name in stored.keys()}
+                    metadata = stored.metadata()
+                    seconds, devices = float(metadata["seconds"]), json.loads(metadata["devices"])
+                    # each tensor back where the computation left it (a device map spreads the layers)
+                    tensors = {name: stored.get_tensor(name).to(devices[name]) for name in stored.keys()}
             except Exception as error:  # a damaged piece is computed again, not trusted
                 logger.warning("Ignoring the unreadable piece %s (%s: %s)", path.name, type(error).__name__, error)
             else:
@@ -115,8 +117,9 @@ class EditWork:
         if any(not isinstance(t, torch.Tensor) for t in tensors.values()):
             raise TypeError(f"A piece of edit work ({kind}) must be a dict of tensors.")
         staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        devices = json.dumps({name: str(t.device) for name, t in tensors.items()})
         save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, str(staging),
-                  metadata={"seconds": repr(seconds), "kind": kind})
+                  metadata={"seconds": repr(seconds), "kind": kind, "devices": devices})
         os.replace(staging, path)  # a piece is there whole or not at all
         self.computed += 1
         return tensors
