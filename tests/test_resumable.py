@@ -149,3 +149,11 @@ def test_the_harness_resumes_a_batch_stopped_in_its_edit_and_drops_its_work_once
     records = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
     whole = [json.loads(line) for line in (tmp_path / "whole" / "results.jsonl").read_text().splitlines()]
     assert [r["post"]["scores"] for r in records] == [r["post"]["scores"] for r in whole]
+    assert records[2]["edit_seconds"] > 0 and records[0]["edit_seconds"] > 0
+
+    # a run started afresh (--overwrite) drops the work of the run it replaces
+    stale = tmp_path / "run" / "edit_work" / "chunk-7"  # a chunk this run does not have
+    stale.mkdir(parents=True)
+    (stale / "target_values-0.safetensors").write_bytes(b"")
+    run_evaluation(settings, tmp_path / "run", model=tiny_model("llama"), tokenizer=TOKENIZER, overwrite=True)
+    assert not stale.exists()
