@@ -9,6 +9,7 @@ are reported as one line, `error: ...`, on stderr, with exit code 2.
 """
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -86,6 +87,12 @@ def add_edit_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--edit-name", default="default", help="Name of the edit (default: 'default').")
     parser.add_argument("--output", metavar="DIR", help="Save the edit artifact into DIR.")
+    parser.add_argument(
+        "--resume-dir",
+        metavar="DIR",
+        help="Store the edit's per-request work (ROME/MEMIT/AlphaEdit target values, KN neurons) in DIR as it is done, "
+        "and reuse what a stopped call with the same model, config and requests stored there.",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=8, help="Tokens generated per completion (default: 8).")
     parser.set_defaults(func=run_edit)
     return parser
@@ -159,6 +166,7 @@ def run_edit(args) -> int:
     import torch
 
     from .edited_model import get_edited_model
+    from .resumable import resumable_edits
 
     requests = _requests_from_args(args)
     config = build_config(args.method, args.config, args.overrides)
@@ -171,7 +179,10 @@ def run_edit(args) -> int:
 
     print(f"Editing {len(requests)} request(s) with {config.edit_type} ({type(config).__name__}) ...")
     start = time.perf_counter()
-    edited = get_edited_model(model, config, requests, tokenizer=tokenizer, edit_name=args.edit_name)
+    with resumable_edits(args.resume_dir) if args.resume_dir else contextlib.nullcontext() as work:
+        edited = get_edited_model(model, config, requests, tokenizer=tokenizer, edit_name=args.edit_name)
+    if work is not None:
+        print(f"Edit work in {args.resume_dir}: {work.reused} piece(s) reused, {work.computed} computed.")
     seconds = time.perf_counter() - start
     after = greedy_completions(edited, tokenizer, prompts, args.max_new_tokens)
 

@@ -38,6 +38,15 @@ def test_edit_prints_completions_and_saves_a_loadable_artifact(model_dir, tmp_pa
         assert not torch.equal(edited(**inputs).logits, plain)
 
 
+def test_edit_with_a_resume_dir_reuses_the_work_of_an_earlier_call(model_dir, tmp_path, capsys):
+    args = ["edit", "--method", "kn", "--model", str(model_dir), *EDIT_ARGS, "--set", "steps=2",
+            "--resume-dir", str(tmp_path / "work"), "--max-new-tokens", "1"]
+    assert main(args) == 0
+    assert "0 piece(s) reused, 1 computed" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "1 piece(s) reused, 0 computed" in capsys.readouterr().out
+
+
 def test_config_file_and_method_must_agree(model_dir, tmp_path, capsys):
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"edit_type": "ft", "num_steps": 2}))
