@@ -13,6 +13,20 @@ class EditRequestError(KnowEditError, ValueError):
     """An edit request is malformed: missing subject, empty target, prompt too long for the model, ..."""
 
 
+class ContradictoryRequestsError(EditRequestError):
+    """Requests of one edit call ask for different targets of the same subject and prompt, which a method that solves
+    for all of them at once (ROME, MEMIT, AlphaEdit) cannot satisfy together.
+
+    Attributes:
+        conflicts (`list[tuple[int, int]]`): `(first, later)` positions in the call's requests: each `later` request
+            contradicts the `first` one with its prompt and subject. Editing all but the `later` ones works.
+    """
+
+    def __init__(self, message: str, conflicts: list[tuple[int, int]]):
+        super().__init__(message)
+        self.conflicts = conflicts
+
+
 class EditConfigError(KnowEditError, ValueError):
     """An edit config has a field out of range, or belongs to another method than the one asked for."""
 

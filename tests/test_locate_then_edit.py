@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from hf_knowedit import EditConfig, EditedModel, EditRequest, LowRankDelta
-from hf_knowedit.errors import ArchitectureNotSupportedError, EditConfigError, EditFailedError, EditRequestError
+from hf_knowedit.errors import (
+    ArchitectureNotSupportedError,
+    ContradictoryRequestsError,
+    EditConfigError,
+    EditFailedError,
+    EditRequestError,
+)
 from hf_knowedit.locate import batch_update, null_space_update, rank_one_update
 from hf_knowedit.methods.alphaedit import AlphaEditConfig
 from hf_knowedit.methods.memit import MEMITConfig
@@ -154,9 +160,12 @@ def test_encoder_decoder_is_refused():
 
 def test_contradicting_requests_are_refused():
     edited = EditedModel(tiny_model("llama"), tiny_tokenizer())
-    conflicting = [REQUESTS[0], EditRequest(prompt="The new capital is {}", subject="Atlantis", target_new="Oslo")]
-    with pytest.raises(EditRequestError, match="Requests 0 and 1 contradict"):
+    conflicting = [REQUESTS[0], EditRequest(prompt="The new capital is {}", subject="Atlantis", target_new="Oslo"),
+                   REQUESTS[1], EditRequest(prompt="The new capital is {}", subject="Narnia", target_new="Oslo"),
+                   EditRequest(prompt="The new capital is {}", subject="Atlantis", target_new="Paris")]  # agrees
+    with pytest.raises(ContradictoryRequestsError, match=r"Requests 0 and 1 contradict .* \(and 1 more") as error:
         edited.add_edits(fast_config("memit"), conflicting)
+    assert isinstance(error.value, EditRequestError) and error.value.conflicts == [(0, 1), (2, 3)]
     assert edited.edit_names == []
 
 

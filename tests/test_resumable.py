@@ -157,3 +157,21 @@ def test_the_harness_resumes_a_batch_stopped_in_its_edit_and_drops_its_work_once
     (stale / "target_values-0.safetensors").write_bytes(b"")
     run_evaluation(settings, tmp_path / "run", model=tiny_model("llama"), tokenizer=TOKENIZER, overwrite=True)
     assert not stale.exists()
+
+
+def test_a_case_that_contradicts_an_earlier_one_of_its_batch_is_refused_alone(tmp_path):
+    """MEMIT cannot give one prompt two targets in one call: the harness edits the batch without the later case,
+    records that case as refused (scored without its edit), and edits the others."""
+    facts = [{"prompt": r.prompt, "subject": r.subject, "target_new": r.target_new} for r in REQUESTS[:3]]
+    facts.append({**facts[0], "target_new": "Oslo"})
+    dataset = tmp_path / "facts.json"
+    dataset.write_text(json.dumps(facts))
+    settings = EvaluationSettings(method="memit", config=MEMIT.to_dict(), model="tiny-llama", dataset=str(dataset),
+                                  n=4, mode="batch", batch_size=4, fluency_tokens=0, protocols=["token_accuracy"])
+    summary = run_evaluation(settings, tmp_path / "run", model=tiny_model("llama"), tokenizer=TOKENIZER)
+    records = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert [r["edit_refused"] is None for r in records] == [True, True, True, False]
+    assert records[3]["edit_refused"].startswith("contradicts case 0 of its chunk")
+    assert records[3]["post"]["scores"] == records[3]["pre"]["scores"]  # scored without its edit
+    assert records[0]["post"]["scores"] != records[0]["pre"]["scores"]
+    assert summary["edits_refused"] == 1 and summary["complete"]

@@ -10,7 +10,8 @@ A run writes into its output directory:
 - `results.jsonl`: one line per case: pre and post scores, skipped metrics with reasons, the fluency generations (when
   fluency is scored), seconds, peak memory, and `edit_refused`: `None`, or the message of the `EditFailedError` with
   which the method refused the case's edit (the model is then left as it was, the run goes on, and the case is scored
-  without its edit).
+  without its edit), or why the case was left out of its chunk's edit (it contradicts an earlier case of the chunk,
+  which a method that edits a chunk at once cannot satisfy: `ContradictoryRequestsError`).
 - `curve.jsonl` (sequential runs with `every:K`): the mean scores of all cases edited so far, every K edits, how
   many of those edits were refused, and their mean seconds per edit (a report shows a stream stopped before its end
   at its last checkpoint, seconds included).
@@ -93,7 +94,7 @@ from ..data import load_edit_dataset
 from ..devices import input_device
 from ..distributed import join_process_group, rank_and_world_size
 from ..edited_model import EditedModel
-from ..errors import EditFailedError, KnowEditError
+from ..errors import ContradictoryRequestsError, EditFailedError, KnowEditError
 from ..metrics import FLUENCY_PROTOCOL, PROTOCOLS
 from ..resumable import resumable_edits
 from ..scoring import BatchScorer
@@ -653,16 +654,31 @@ def run_evaluation(
             return requests
         return [replace(r, rephrase_prompts=[], locality=[], portability=[]) for r in requests]
 
-    def apply_edits(chunk) -> str | None:
-        """Add the chunk's edits to the model; a method that refuses them (`EditFailedError`, the model left as it
-        was) does not stop the run: the refusal's message is returned, and the chunk's cases are scored without
-        their edits (so a refused edit counts as a failed one)."""
-        try:
-            edited.add_edits(config, edit_requests(chunk), edit_name=EDIT_NAME)
-        except EditFailedError as error:
-            logger.warning("The edits of cases %s were refused: %s", [by_index[i].case_id for i in chunk], error)
-            return str(error)
-        return None
+    def apply_edits(chunk) -> dict[int, str | None]:
+        """Add the chunk's edits to the model; return, per case, why its edit was refused (`None`: applied). A method
+        that refuses the edits (`EditFailedError`, the model left as it was) does not stop the run: the chunk's cases
+        are scored without their edits (so a refused edit counts as a failed one). Cases that contradict an earlier
+        case of their chunk (same prompt and subject, another target: `ContradictoryRequestsError`, from methods that
+        solve for a chunk at once) are refused alone and the chunk is edited without them."""
+        refused: dict[int, str | None] = dict.fromkeys(chunk)
+        kept = list(chunk)
+        while True:
+            try:
+                edited.add_edits(config, edit_requests(kept), edit_name=EDIT_NAME)
+            except ContradictoryRequestsError as error:
+                dropped = {kept[later]: kept[first] for first, later in error.conflicts}
+                for index, first in dropped.items():
+                    refused[index] = (f"contradicts case {by_index[first].case_id} of its chunk (the same prompt and "
+                                      f"subject, another target): {config.edit_type} edits a chunk at once")
+                logger.warning("Editing cases %s without the cases %s that contradict them",
+                               sorted({by_index[f].case_id for f in dropped.values()}, key=str),
+                               sorted((by_index[i].case_id for i in dropped), key=str))
+                kept = [i for i in kept if i not in dropped]
+                continue
+            except EditFailedError as error:
+                logger.warning("The edits of cases %s were refused: %s", [by_index[i].case_id for i in kept], error)
+                refused.update(dict.fromkeys(kept, str(error)))
+            return refused
 
     def edit_and_score(item):
         """One chunk of `single` or `batch` mode: edit the untouched model, score, remove the edit, check."""
@@ -680,12 +696,12 @@ def run_evaluation(
             refused, reused_seconds = apply_edits(chunk), 0.0
         edit_seconds = (time.perf_counter() - start + reused_seconds) / len(chunk)
         records = score_and_record(chunk, chunk_no, edit_seconds, len(chunk))
-        if refused is None:
+        if EDIT_NAME in edited.edit_names:  # absent when every edit was refused
             edited.delete_edit(EDIT_NAME)
         restored = _check_restored(scorer, by_index[chunk[0]], pre_records[chunk[0]])
         for record in records:
             record["base_restored"] = restored
-            record["edit_refused"] = refused
+            record["edit_refused"] = refused[record["index"]]
         return records
 
     if settings.mode in ("single", "batch"):
@@ -728,7 +744,7 @@ def run_evaluation(
                 torch.cuda.reset_peak_memory_stats()
             _seed(settings.seed + chunk_no)
             start = time.perf_counter()
-            refusals.update(dict.fromkeys(chunk, apply_edits(chunk)))
+            refusals.update(apply_edits(chunk))
             edit_seconds = (time.perf_counter() - start) / len(chunk)
             applied += len(chunk)
             edit_times.update(dict.fromkeys(chunk, edit_seconds))

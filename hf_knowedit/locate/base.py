@@ -14,7 +14,7 @@ import torch
 from ..config import EditConfig
 from ..devices import execution_device
 from ..editor import BaseEditor
-from ..errors import ArchitectureNotSupportedError, EditConfigError, EditRequestError
+from ..errors import ArchitectureNotSupportedError, ContradictoryRequestsError, EditConfigError
 from ..utils import get_logger
 from .keys import context_prefixes
 
@@ -173,18 +173,25 @@ class LocateThenEditEditor(BaseEditor):
 
 
 def check_consistent_requests(requests) -> None:
-    """Raise :class:`EditRequestError` when two requests ask for different targets of the same subject and prompt."""
+    """Raise :class:`ContradictoryRequestsError` when requests ask for different targets of the same subject and
+    prompt; it lists every such pair."""
     seen: dict[tuple[str, str], tuple[int, str]] = {}
+    conflicts = []
     for index, request in enumerate(requests):
         key = (request.subject, request.filled_prompt)
         if key in seen and seen[key][1] != request.target_new:
-            first, target = seen[key]
-            raise EditRequestError(
-                f"Requests {first} and {index} contradict each other: {request.filled_prompt!r} (subject "
-                f"{request.subject!r}) -> {target!r} and -> {request.target_new!r}. Keep one target per fact, or edit "
-                "them in separate calls."
-            )
+            conflicts.append((seen[key][0], index))
         seen.setdefault(key, (index, request.target_new))
+    if conflicts:
+        first, later = conflicts[0]
+        request = requests[later]
+        raise ContradictoryRequestsError(
+            f"Requests {first} and {later} contradict each other: {request.filled_prompt!r} (subject "
+            f"{request.subject!r}) -> {requests[first].target_new!r} and -> {request.target_new!r}"
+            + (f" (and {len(conflicts) - 1} more such pair(s))" if len(conflicts) > 1 else "")
+            + ". Keep one target per fact, or edit them in separate calls.",
+            conflicts,
+        )
 
 
 def module_output(module, keys: torch.Tensor) -> torch.Tensor:
