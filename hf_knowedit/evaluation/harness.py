@@ -667,6 +667,8 @@ def run_evaluation(
                 edited.add_edits(config, edit_requests(kept), edit_name=EDIT_NAME)
             except ContradictoryRequestsError as error:
                 dropped = {kept[later]: kept[first] for first, later in error.conflicts}
+                if not dropped:  # nothing to leave out: the edit cannot be made as asked
+                    raise
                 for index, first in dropped.items():
                     refused[index] = (f"contradicts case {by_index[first].case_id} of its chunk (the same prompt and "
                                       f"subject, another target): {config.edit_type} edits a chunk at once")
