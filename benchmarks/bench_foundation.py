@@ -1,4 +1,4 @@
-"""Foundation benchmark: the default model's conversion and load times, one FT edit, and the size of its artifact.
+"""Foundation benchmark: the default model's conversion, load and hashing times, one FT edit, its artifact's size.
 
 Run with `make bench` or `python benchmarks/bench_foundation.py [--repeats N]`. The conversion is timed in a temporary
 `HF_HOME`, so the user's cache is neither used nor changed; nothing is downloaded.
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
 
-    from hf_knowedit import EditRequest, FTConfig, get_edited_model, load_default_model
+    from hf_knowedit import EditedModel, EditRequest, FTConfig, get_edited_model, load_default_model
     from hf_knowedit.modeling import convert_default_model, default_model_gguf
 
     request = EditRequest(prompt="The mother tongue of {} is", subject="Danielle Darrieux", target_new="English")
@@ -56,6 +56,10 @@ def main(argv=None) -> int:
                 os.environ.pop("HF_HOME", None)
             else:
                 os.environ["HF_HOME"] = previous_home
+
+        digest_times = [timed(EditedModel(model, tokenizer).state_digest)[1] for _ in range(args.repeats)]
+        rows.append(("state digest (EditedModel.state_digest)", f"{statistics.median(digest_times):.2f} s",
+                     f"median of {args.repeats}; the key of resumable edits' pieces, once per edit call"))
 
         edit_times, edited = [], None
         for _ in range(args.repeats):

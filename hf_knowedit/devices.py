@@ -7,6 +7,7 @@ computes for a module (keys, values, statistics, deltas) goes to that module's e
 everything that reads a weight's values reads it through [`materialized_weight`].
 """
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -77,6 +78,34 @@ def onloaded(module: nn.Module):
 
     with align_module_device(module, execution_device=execution_device(module)):
         yield module
+
+
+def named_state_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every parameter of `model`, then every buffer, by name and in the order of `named_parameters()` and
+    `named_buffers()` (shared tensors once), each holding its values: an offloaded module's tensors are read inside
+    :func:`onloaded`, so use each one before asking for the next.
+
+    >>> [name for name, _ in named_state_tensors(torch.nn.Linear(2, 3))]
+    ['weight', 'bias']
+    """
+    for members in ("_parameters", "_buffers"):
+        seen: set[int] = set()
+        for prefix, module in model.named_modules():
+            names = []
+            for name, tensor in getattr(module, members).items():
+                if tensor is not None and id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    names.append(name)
+            if not names:
+                continue
+            with onloaded(module):
+                for name in names:
+                    tensor = getattr(module, name)
+                    full_name = f"{prefix}.{name}" if prefix else name
+                    if tensor.device.type == "meta":
+                        raise RuntimeError(f"{full_name!r} is on the meta device and no accelerate hook holds its "
+                                           "values; load the model's weights first.")
+                    yield full_name, tensor
 
 
 def materialized_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:

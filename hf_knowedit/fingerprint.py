@@ -20,11 +20,21 @@ SAMPLE_SIZE = 64
 SAMPLE_RTOL, SAMPLE_ATOL, NORM_RTOL = 2e-2, 1e-3, 1e-2
 
 
+def tensor_bytes(tensor: torch.Tensor):
+    """The exact bytes of `tensor`'s values in row-major order, as a NumPy `uint8` array on the CPU (any dtype,
+    bfloat16 included).
+
+    >>> tensor_bytes(torch.tensor([1], dtype=torch.int16)).tolist()
+    [1, 0]
+    """
+    return tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+
+
 def tensor_digest(tensor: torch.Tensor) -> dict:
     """Shape, dtype, SHA-256 of the bytes, fp32 norm and 64 sampled values of `tensor`."""
     tensor = tensor.detach()
     flat = tensor.reshape(-1)
-    raw = flat.contiguous().cpu().view(torch.uint8).numpy().tobytes()
+    raw = tensor_bytes(flat).tobytes()
     positions = torch.linspace(0, max(flat.numel() - 1, 0), min(SAMPLE_SIZE, flat.numel()), dtype=torch.float64).long()
     return {
         "shape": list(tensor.shape),

@@ -11,8 +11,9 @@ whose key matches instead of computing them, and computes the others, so it give
 The keys make a stale piece impossible to reuse by mistake: another model, config or request gives another key.
 
 Hashing the model's tensors takes 0.8 s for the 135M fp32 parameters of the default model on a CPU, once per edit
-call: worth it for long edits, not for single facts, which is why this is opt-in. The folder may be deleted once the
-edit is done.
+call (`benchmarks/bench_foundation.py` times it; weights offloaded by accelerate are read one module at a time):
+worth it for long edits, not for single facts, which is why this is opt-in. The folder may be deleted once the edit
+is done.
 
 Example:
 
@@ -31,7 +32,6 @@ Example:
 ```
 """
 
-import hashlib
 import json
 import os
 import time
@@ -45,8 +45,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import OffloadedWeightsError
-from .utils import get_logger
+from .devices import input_device
+from .utils import get_logger, sha256_json
 from .version import __version__
 
 
@@ -71,18 +71,13 @@ class EditWork:
         self.reused_seconds = 0.0
         self._state: tuple[Any, list, str] | None = None  # (computation state key, its objects, digest)
 
-    def state_digest(self, edited_model) -> str | None:
-        """The SHA-256 of `edited_model`'s exact state, computed once while its state stays the same; `None` when it
-        cannot be read (offloaded weights)."""
+    def state_digest(self, edited_model) -> str:
+        """The SHA-256 of `edited_model`'s exact state (offloaded weights included), computed once while its state
+        stays the same."""
         key, objects = edited_model.computation_state()
         if self._state is None or self._state[0] != key:
             start = time.perf_counter()
-            try:
-                digest = edited_model.state_digest()
-            except OffloadedWeightsError as error:
-                logger.warning("Edit work is not stored for resuming: %s", error)
-                digest = None
-            self._state = (key, objects, digest)
+            self._state = (key, objects, edited_model.state_digest())
             logger.debug("Hashed the model's state in %.1f s", time.perf_counter() - start)
         return self._state[2]
 
@@ -90,13 +85,9 @@ class EditWork:
               ) -> dict[str, torch.Tensor]:
         """The tensors `compute()` returns for `inputs` (JSON-ready: what the computation reads besides the model),
         read from the folder when a piece of this `kind` with the same key is there, else computed and stored."""
-        state = self.state_digest(edited_model)
-        if state is None:
-            return compute()
-        description = json.dumps({"kind": kind, "inputs": inputs, "model_state": state,
-                                  "device": str(_device(edited_model)), "hf_knowedit_version": __version__},
-                                 sort_keys=True, default=str)
-        key = hashlib.sha256(description.encode("utf-8")).hexdigest()
+        key = sha256_json({"kind": kind, "inputs": inputs, "model_state": self.state_digest(edited_model),
+                           "device": str(input_device(edited_model.base_model)),
+                           "hf_knowedit_version": __version__})
         path = self.directory / f"{kind}-{key[:40]}.safetensors"
         if path.is_file():
             try:
@@ -123,12 +114,6 @@ class EditWork:
         os.replace(staging, path)  # a piece is there whole or not at all
         self.computed += 1
         return tensors
-
-
-def _device(edited_model) -> torch.device:
-    from .devices import input_device
-
-    return input_device(edited_model.base_model)
 
 
 @contextmanager

@@ -62,7 +62,7 @@ from .errors import (
 from .fingerprint import check_fingerprint, model_fingerprint, model_identity
 from .hub import atomic_directory, push_folder_to_hub, resolve_artifact_dir
 from .modeling import hf_home
-from .utils import dump_json, get_logger, tqdm, write_json
+from .utils import dump_json, get_logger, sha256_json, tqdm, write_json
 from .version import __version__
 
 
@@ -181,10 +181,6 @@ class _Corpus:
         return {**self.description, "fingerprint": self.fingerprint}
 
 
-def _sha256_json(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode("utf-8")).hexdigest()
-
-
 def _files_corpus(path: Path, source: str) -> _Corpus:
     path = path.expanduser().resolve()
     if path.is_file():
@@ -212,7 +208,7 @@ def _files_corpus(path: Path, source: str) -> _Corpus:
     for file in files:
         stat = file.stat()
         entries.append([file.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns])
-    fingerprint = _sha256_json({"kind": "files", "files": entries, "packing": _PACKING_VERSION})
+    fingerprint = sha256_json({"kind": "files", "files": entries, "packing": _PACKING_VERSION})
 
     def read() -> Iterator[str]:
         for file in files:
@@ -270,10 +266,10 @@ def _dataset_corpus(dataset, text_column: str, source: str, wikitext: bool = Fal
 
     if dataset_fingerprint is None:  # an IterableDataset: fingerprint its first strings
         head = list(itertools.islice(rows(), FINGERPRINT_HEAD_STRINGS))
-        fingerprint = _sha256_json({"kind": "datasets-head", "head": _hash_strings(head), **description})
+        fingerprint = sha256_json({"kind": "datasets-head", "head": _hash_strings(head), **description})
     else:
         description["dataset_fingerprint"] = dataset_fingerprint
-        fingerprint = _sha256_json(
+        fingerprint = sha256_json(
             {"kind": "datasets", "fingerprint": dataset_fingerprint, "column": text_column, "wikitext": wikitext,
              "packing": _PACKING_VERSION}
         )
@@ -317,7 +313,7 @@ def _iterable_corpus(iterable: Iterable[str]) -> _Corpus:
                 "or a `datasets` dataset."
             )
     description = {"kind": "iterable", "source": "argument", "type": type(iterable).__name__, "length": size}
-    fingerprint = _sha256_json(
+    fingerprint = sha256_json(
         {"kind": "iterable", "head": _hash_strings(head), "length": size, "packing": _PACKING_VERSION}
     )
 
@@ -476,10 +472,10 @@ def _targets(model, layers, corpus: _Corpus, num_tokens: int, dtype_name: str, m
         path = layout.mlp_out_path(layer)
         module = layout.mlp_out(model, layer)
         fingerprint = model_fingerprint(model, {f"{path}.weight": materialized_weight(module)})
-        model_sha = _sha256_json(
+        model_sha = sha256_json(
             {"identity": model_identity(model), "weight_sha256": fingerprint["tensors"][f"{path}.weight"]["sha256"]}
         )
-        key = _sha256_json(
+        key = sha256_json(
             {"model": model_sha, "layer": layer, "module": path, "corpus": corpus.fingerprint,
              "num_tokens": num_tokens, "dtype": dtype_name, "max_length": max_length, "packing": _PACKING_VERSION}
         )

@@ -1,5 +1,6 @@
 """Small helpers shared across hf-knowedit: logging, progress bars, JSON writing."""
 
+import hashlib
 import json
 import logging
 import os
@@ -37,6 +38,16 @@ def tqdm(*args, **kwargs):
 def dump_json(obj: Any) -> str:
     """Serialise ``obj`` the way every hf-knowedit JSON file is written: ``indent=2, sort_keys=True``."""
     return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def sha256_json(obj: Any) -> str:
+    """The SHA-256 of ``obj`` written as compact JSON with sorted keys (values JSON cannot hold written with ``str``):
+    a key for caches and stored work that is equal for equal content in any process.
+
+    >>> sha256_json({"b": 1, "a": [2]}) == sha256_json({"a": [2], "b": 1})
+    True
+    """
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
 
 def write_json(path: str | os.PathLike, obj: dict, stamp: bool = True) -> None:

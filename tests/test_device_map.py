@@ -20,6 +20,7 @@ from hf_knowedit.methods.ke import KEConfig
 from hf_knowedit.methods.kn import KNConfig
 from hf_knowedit.methods.mend import MENDConfig
 from hf_knowedit.methods.serac import SERACConfig
+from hf_knowedit.resumable import resumable_edits
 
 from .helpers import REQUEST, TOKENIZER, WIKITEXT, logits
 from .test_locate_then_edit import fast_config
@@ -148,3 +149,21 @@ def test_device_helpers_on_an_offloaded_model(tmp_path):
     assert execution_device(offloaded) == input_device(model) == torch.device("cpu")
     torch.testing.assert_close(materialized_weight(offloaded), tiny_model("llama").model.layers[1].mlp.down_proj.weight)
     assert offloaded.weight.device.type == "meta"  # loading the values did not keep them in memory
+
+
+@pytest.mark.parametrize("how", DISPATCHES)
+def test_resumable_edits_of_a_dispatched_model_hash_and_restore_its_work(how, tmp_path):
+    plain = EditedModel(tiny_model("llama"), TOKENIZER)
+    edited = EditedModel(dispatched("llama", how, tmp_path), TOKENIZER)
+    assert edited.state_digest() == plain.state_digest()  # offloaded weights are read, not refused
+    with resumable_edits(tmp_path / "work") as work:
+        edited.add_edits(CONFIGS["memit"](), [REQUEST])
+    assert work.computed == 1
+    first = logits(edited)
+    edited.delete_edit("default")
+    with resumable_edits(tmp_path / "work") as work:
+        edited.add_edits(CONFIGS["memit"](), [REQUEST])
+    assert (work.reused, work.computed) == (1, 0)  # the target values were read back for the dispatched model
+    torch.testing.assert_close(logits(edited), first, rtol=0, atol=0)
+    assert [p.device.type for p in edited.base_model.model.layers[1].parameters()][0] == (
+        "meta" if how != "split" else "cpu")  # hashing left the offloaded weights offloaded

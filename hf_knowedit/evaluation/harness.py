@@ -98,8 +98,7 @@ from ..errors import ContradictoryRequestsError, EditFailedError, KnowEditError
 from ..metrics import FLUENCY_PROTOCOL, PROTOCOLS
 from ..resumable import resumable_edits
 from ..scoring import BatchScorer
-from ..statistics import _sha256_json
-from ..utils import get_logger, tqdm, write_json
+from ..utils import get_logger, sha256_json, tqdm, write_json
 from ..version import __version__
 from .probes import METRICS, ChatTemplateError, apply_chat_template, score_cases
 from .snapshots import delete_snapshots, latest_snapshot, load_snapshot, save_snapshot
@@ -534,7 +533,7 @@ def run_evaluation(
         requests = apply_chat_template(requests, tokenizer)
         template = tokenizer.chat_template  # its text, or a dict of named templates
         digest = (hashlib.sha256(template.encode("utf-8")).hexdigest() if isinstance(template, str)
-                  else _sha256_json(template))
+                  else sha256_json(template))
         chat_template = {"template_sha256": digest, "edit_prompts": "templated",
                          "example_prompt": requests[0].filled_prompt}
     if isinstance(model, EditedModel):
