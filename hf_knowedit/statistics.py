@@ -39,7 +39,9 @@ import itertools
 import json
 import os
 import re
+import socket
 import tempfile
+import urllib.parse
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -336,7 +338,11 @@ def _default_corpus() -> _Corpus:
         from datasets import load_dataset
     except ImportError:
         load_dataset = None
-    if load_dataset is not None:
+    unreachable = _hub_unreachable() if load_dataset is not None else None
+    if unreachable:  # `datasets` would retry for about 30 s before failing
+        reason = (f"the Hugging Face Hub cannot be reached to load WikiText-103 ({unreachable}; set HF_HUB_OFFLINE=1 "
+                  "to use a copy in the `datasets` cache)")
+    elif load_dataset is not None:
         try:
             dataset = load_dataset("wikitext", "wikitext-103-raw-v1", split="train")
             return _dataset_corpus(dataset, "text", "default:wikitext-103-raw-v1", wikitext=True)
@@ -348,6 +354,24 @@ def _default_corpus() -> _Corpus:
         "WikiText files in ../shared/data/wikitext), or pass corpus= a text file, a folder, a `datasets` dataset or "
         "a list of strings."
     )
+
+
+def _hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the Hub's host cannot be reached by a direct connection, or `None` when it can, or when that is not for
+    this check to say (offline mode is on: `datasets` reads its cache; a proxy is configured: the connection goes
+    through it)."""
+    from huggingface_hub import constants
+
+    proxies = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(name) for name in proxies):
+        return None
+    endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    except OSError as error:
+        return f"{endpoint.hostname}:{port}: {error}"
+    return None
 
 
 def resolve_corpus(corpus=None, text_column: str = "text") -> _Corpus:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hf_knowedit import statistics as statistics_module
 from hf_knowedit.architectures import resolve_layout
 from hf_knowedit.errors import BaseModelMismatchError
 from hf_knowedit.statistics import (
@@ -243,6 +244,30 @@ def test_missing_corpus_error(gpt2, monkeypatch):
     monkeypatch.setenv(CORPUS_ENV, "/nonexistent/corpus/folder")
     with pytest.raises(CorpusNotFoundError, match="does not exist"):
         compute(gpt2, corpus=None, use_cache=False)
+
+
+def test_an_unreachable_hub_fails_at_once_and_says_how_to_use_the_cache(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    called = []
+    monkeypatch.delenv(CORPUS_ENV, raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: called.append(args) or [])
+
+    def no_network(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(statistics_module.socket, "create_connection", no_network)
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(statistics_module, "_dataset_corpus", lambda *args, **kwargs: "read through datasets")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    with pytest.raises(CorpusNotFoundError, match="cannot be reached.*HF_HUB_OFFLINE=1") as info:
+        resolve_corpus(None)
+    assert "Name or service not known" in str(info.value) and not called  # no 30 s of `datasets` retries
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # offline: `datasets` reads its cache
+    assert resolve_corpus(None) == "read through datasets" and len(called) == 1
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")  # a proxy may reach what a socket cannot
+    assert resolve_corpus(None) == "read through datasets" and len(called) == 2
 
 
 def test_too_few_tokens(gpt2, caplog):
