@@ -11,8 +11,9 @@ benchmarks/results/run_single_edits.sh.
   --allow-missing (rebuild from the runs that are here, dropping the others' rows) or --partial.
 - --partial, for a checkout that holds only some of the runs: recompute every row whose run is here and keep the
   others as they are. The table of all runs gets the rows of the runs here, new ones included, in the report's
-  order, and keeps the rows of the missing runs. The main tables and the plots are left alone: they compare every
-  run, and are rebuilt only when all of them are here.
+  order, and keeps the rows of the missing runs. The main tables and the plots of docs/report_all are left alone:
+  they compare every run, and are rebuilt only when all of them are here. The plots of the runs that are here go to
+  docs/report_in_git instead (PARTIAL_PLOTS).
 - docs/report_gpu: the plots of `hf-knowedit report` over the GPU runs under runs/gpu (benchmarks/results/run_gpu.sh),
   kept apart from the CPU runs' plots so that no plot sets GPU seconds beside CPU seconds.
 """
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from summary_rows import row  # noqa: E402
 
 
+PARTIAL_PLOTS = Path("docs/report_in_git")  # --partial: the plots of the runs here, apart from those of every run
 RUN_CELL = re.compile(r"\| `([^`]+)` \|$")  # a table row's last cell: the run it comes from
 
 
@@ -70,11 +72,14 @@ def main(argv: list[str]):
     runs = sorted(str(p.parent) for tag in ("counterfact", "zsre") for p in Path("runs", tag).glob("*/summary.json"))
     tables = {}
     for protocol in ("token_accuracy",) if partial else ("token_accuracy", "prob_comparison"):
-        # --partial: the report of some runs is read for its rows only, and its plots do not replace the page's
-        out = Path(f"/tmp/report_{protocol}") if partial or protocol != "token_accuracy" else Path("docs/report_all")
+        # --partial: the report of some runs gives the rows of the table of all runs, and its plots go apart
+        out = (PARTIAL_PLOTS if partial else Path("docs/report_all")) if protocol == "token_accuracy" else Path(
+            f"/tmp/report_{protocol}")
         subprocess.run([".venv/bin/hf-knowedit", "report", *runs, "--output", str(out), "--protocol", protocol],
                        check=True, capture_output=True)
         text = (out / "report.md").read_text()
+        if out == PARTIAL_PLOTS:
+            (out / "report.md").unlink()  # its tables are those of docs/results.md
         tables[protocol] = re.search(r"\| Method \| ZsRE.*?\n\n", text, re.S).group(0)
         if protocol == "token_accuracy":
             tables["all"] = re.search(r"\| Method \| Dataset \|.*?\n\n(?:† .*?\n\n?)?", text, re.S).group(0)
@@ -93,7 +98,8 @@ def main(argv: list[str]):
     doc = re.sub(r"<!-- rows (\w+) -->\n(.*?)\n<!-- /rows -->", lambda m: rows_block(m, partial), doc, flags=re.S)
     Path("docs/results.md").write_text(doc)
     print("runs:", len(runs), "GPU runs:", len(gpu_runs),
-          f"(--partial: {len(missing)} missing runs' rows kept; main tables and plots not rebuilt)" if partial else "")
+          f"(--partial: {len(missing)} missing runs' rows kept; main tables and docs/report_all not rebuilt; plots of "
+          f"the runs here in {PARTIAL_PLOTS})" if partial else "")
 
 
 if __name__ == "__main__":
