@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from hf_knowedit import EditedModel, EditRequest
 from hf_knowedit.evaluation import EvaluationSettings, run_evaluation
+from hf_knowedit.evaluation import harness as harness_module
 from hf_knowedit.locate import values as values_module
 from hf_knowedit.methods.kn import KNConfig
 from hf_knowedit.methods.kn import editor as kn_editor
@@ -164,6 +165,42 @@ def test_the_harness_resumes_a_batch_stopped_in_its_edit_and_drops_its_work_once
     (stale / "target_values-0.safetensors").write_bytes(b"")
     run_evaluation(settings, tmp_path / "run", model=tiny_model("llama"), tokenizer=TOKENIZER, overwrite=True)
     assert not stale.exists()
+
+
+def test_a_batch_stopped_in_its_scoring_scores_only_the_parts_it_had_not_scored(tmp_path, monkeypatch):
+    dataset = tmp_path / "facts.json"
+    dataset.write_text(json.dumps([{"prompt": r.prompt, "subject": r.subject, "target_new": r.target_new,
+                                    "rephrase_prompts": [f"Surely {r.filled_prompt}"]} for r in REQUESTS[:4]]))
+    settings = EvaluationSettings(method="memit", config=MEMIT.to_dict(), model="tiny-llama", dataset=str(dataset),
+                                  n=4, mode="batch", batch_size=4, fluency_tokens=0, protocols=["token_accuracy"])
+
+    def run(output):
+        return run_evaluation(settings, output, model=tiny_model("llama"), tokenizer=TOKENIZER, scorer_batch_size=2)
+
+    run(tmp_path / "whole")
+    scored = []
+    original = harness_module.score_cases
+
+    def counted(scorer, requests, *args, **kwargs):
+        scored.append(len(requests))
+        if len(scored) == 4:  # the pre-edit scores (2 parts), the first part after the edit, then stop
+            raise KeyboardInterrupt("stopped")
+        return original(scorer, requests, *args, **kwargs)
+
+    monkeypatch.setattr(harness_module, "score_cases", counted)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "run")
+    work = tmp_path / "run" / "edit_work" / "chunk-0"
+    assert [r["index"] for r in map(json.loads, (work / "scores.jsonl").read_text().splitlines())] == [0, 1]
+    scored.clear()
+    stop_after(monkeypatch, values_module, "_optimize_chunk", 0)  # the target values must be read back
+    summary = run(tmp_path / "run")
+    assert scored == [2] and summary["complete"] and not work.exists()  # only the part left was scored
+    records = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    whole = [json.loads(line) for line in (tmp_path / "whole" / "results.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in records] == [0, 1, 2, 3]
+    assert [r["post"]["scores"] for r in records] == [r["post"]["scores"] for r in whole]
+    assert len({r["edit_seconds"] for r in records}) == 1  # one edit, one time
 
 
 def test_a_case_that_contradicts_an_earlier_one_of_its_batch_is_refused_alone(tmp_path):

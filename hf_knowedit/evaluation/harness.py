@@ -20,7 +20,8 @@ A run writes into its output directory:
   snapshotted (see `hf_knowedit.evaluation.snapshots`; `snapshot_every` of `run_evaluation` says when), deleted when
   the stream ends.
 - `edit_work/chunk-<N>/` (chunks of more than one case in `single` and `batch` modes, while the chunk is not
-  recorded): the per-request work its edit finished (target values, knowledge neurons: `hf_knowedit.resumable`).
+  recorded): the per-request work its edit finished (target values, knowledge neurons: `hf_knowedit.resumable`) and,
+  in `scores.jsonl`, the records of its parts of `scorer_batch_size` cases scored so far.
 
 Modes:
 
@@ -33,7 +34,9 @@ Modes:
 
 Resuming: in `single` and `batch` modes the chunks whose cases all have records are skipped, and a chunk stopped
 during its edit or its scoring is edited again with the work its edit had finished (a batch of 1,000 MEMIT or KN
-edits takes hours on a CPU); its edit seconds count the reused work's seconds, as if it had not stopped. In
+edits takes hours on a CPU) and scores only the parts of `scorer_batch_size` cases it had not scored (a chunk of
+more cases is always scored in such parts, stopped or not, so that its scores are those of a run that did not stop);
+its edit seconds count the reused work's seconds, as if it had not stopped. In
 `sequential` mode the model's state is loaded from the latest snapshot that holds no edit whose scores are owed
 (with `every:K`, the last checkpoint's; with `immediate`, one at or before the last chunk scored; with `final`,
 any): the edit, what the method keeps between calls, and the edits' seconds and refusals. The stream goes on from
@@ -113,6 +116,7 @@ RESULTS_NAME = "results.jsonl"
 CURVE_NAME = "curve.jsonl"
 SUMMARY_NAME = "summary.json"
 EDIT_WORK_NAME = "edit_work"  # the finished per-request work of batch edits not yet scored
+EDIT_WORK_SCORES = "scores.jsonl"  # in a chunk's edit work: the records of its parts scored so far
 EDIT_NAME = "evaluation"
 NORMAL_CLIPPED = "normal, clipped to [0, 1]"
 CI_METHOD = ("over cases, 95%: scores that are all 0 or 1, Wilson's score interval (z = 1.96); other scores, the "
@@ -681,6 +685,28 @@ def run_evaluation(
                 refused.update(dict.fromkeys(kept, str(error)))
             return refused
 
+    def score_in_parts(chunk, chunk_no, edit_seconds):
+        """The records of a chunk of several cases, scored in parts of `scorer_batch_size` cases, each part's records
+        kept in the chunk's edit work (`scores.jsonl`) as it is scored, so that a chunk stopped while scoring scores
+        only the parts left when it is edited again (to the same state, from its pieces)."""
+        path = _edit_work_dir(output_dir, chunk_no) / EDIT_WORK_SCORES
+        stored = {r["index"]: r for r in read_jsonl(path) if r.get("chunk_indices") == chunk}
+        if path.is_file():  # without a cut-off last line, before appending to it
+            _rewrite_jsonl(path, list(stored.values()))
+        records = []
+        for part in _chunks(chunk, score_size):
+            if all(i in stored for i in part):
+                part_records = [stored[i] for i in part]
+            else:
+                part_records = score_and_record(part, chunk_no, edit_seconds, len(chunk))
+                for record in part_records:
+                    record["chunk_indices"] = chunk
+                append_jsonl(path, part_records)
+            records += part_records
+        for record in records:
+            record["edit_seconds"] = edit_seconds  # this run's, which counts the reused pieces' seconds
+        return records
+
     def edit_and_score(item):
         """One chunk of `single` or `batch` mode: edit the untouched model, score, remove the edit, check."""
         chunk_no, chunk = item
@@ -696,7 +722,10 @@ def run_evaluation(
         else:
             refused, reused_seconds = apply_edits(chunk), 0.0
         edit_seconds = (time.perf_counter() - start + reused_seconds) / len(chunk)
-        records = score_and_record(chunk, chunk_no, edit_seconds, len(chunk))
+        if len(chunk) > 1:
+            records = score_in_parts(chunk, chunk_no, edit_seconds)
+        else:
+            records = score_and_record(chunk, chunk_no, edit_seconds, len(chunk))
         if EDIT_NAME in edited.edit_names:  # absent when every edit was refused
             edited.delete_edit(EDIT_NAME)
         restored = _check_restored(scorer, by_index[chunk[0]], pre_records[chunk[0]])
