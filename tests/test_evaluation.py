@@ -250,6 +250,27 @@ def test_refuses_to_mix_settings_unless_overwrite(dataset, tmp_path):
     assert _differences("config", {"lr": 0.1}, {"lr": 0.1, "rank": 2}) == "config.rank: (not set) there, 2 now"
 
 
+def test_resumes_a_run_made_before_its_method_config_gained_a_field(dataset, tmp_path):
+    """A field added to a config class since a run was made changes nothing the run computes when it is left at its
+    default; set to another value, it is a difference like any other."""
+    output = tmp_path / "run"
+    _run(_settings(dataset, n=2), output)
+
+    def drop_variant():  # as a version without the field stored the settings
+        stored = json.loads((output / "settings.json").read_text())
+        assert stored["config"]["variant"] == "ft_m"  # the field's default, stored by this version
+        del stored["config"]["variant"]
+        (output / "settings.json").write_text(json.dumps(stored))
+
+    drop_variant()
+    assert _run(_settings(dataset, n=3), output)["num_completed"] == 3
+    drop_variant()
+    other = _settings(dataset, n=3)
+    other.config = {**CONFIG, "variant": "ft_l"}
+    with pytest.raises(EvaluationSettingsError, match="config.variant: 'ft_m' there, 'ft_l' now"):
+        _run(other, output)
+
+
 def test_resumes_when_the_same_dataset_is_named_by_another_path(dataset, tmp_path, monkeypatch):
     output = tmp_path / "run"
     _run(_settings(dataset, n=2), output)

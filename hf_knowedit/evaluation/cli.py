@@ -63,11 +63,10 @@ def run_evaluate_command(args) -> int:
     from ..config import build_config
     from ..distributed import rank_and_world_size
     from ..utils import parse_overrides
-    from .harness import EvaluationSettings, run_evaluation
+    from .harness import NOT_COMPARED_CONFIG_FIELDS, EvaluationSettings, run_evaluation
 
     config = build_config(args.method, args.config, parse_overrides(args.overrides))
-    config_dict = {k: v for k, v in config.to_dict().items()
-                   if k not in ("edit_type", "base_model_name_or_path", "revision")}
+    config_dict = {k: v for k, v in config.to_dict().items() if k not in NOT_COMPARED_CONFIG_FIELDS}
     settings = EvaluationSettings(
         method=config.edit_type,
         config=config_dict,

@@ -86,18 +86,18 @@ import re
 import resource
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 
 from ..artifacts import file_sha256
-from ..config import build_config, get_editor_class
+from ..config import build_config, get_config_class, get_editor_class
 from ..data import load_edit_dataset
 from ..devices import input_device
 from ..distributed import join_process_group, rank_and_world_size
 from ..edited_model import EditedModel
-from ..errors import ContradictoryRequestsError, EditFailedError, KnowEditError
+from ..errors import ContradictoryRequestsError, EditConfigError, EditFailedError, KnowEditError
 from ..metrics import FLUENCY_PROTOCOL, PROTOCOLS
 from ..resumable import resumable_edits
 from ..scoring import BatchScorer
@@ -118,6 +118,8 @@ SUMMARY_NAME = "summary.json"
 EDIT_WORK_NAME = "edit_work"  # the finished per-request work of batch edits not yet scored
 EDIT_WORK_SCORES = "scores.jsonl"  # in a chunk's edit work: the records of its parts scored so far
 EDIT_NAME = "evaluation"
+# a method config's fields that a run's settings leave out: the method is its own setting, the model another
+NOT_COMPARED_CONFIG_FIELDS = ("edit_type", "base_model_name_or_path", "revision")
 NORMAL_CLIPPED = "normal, clipped to [0, 1]"
 CI_METHOD = ("over cases, 95%: scores that are all 0 or 1, Wilson's score interval (z = 1.96); other scores, the "
              "normal approximation mean ± 1.96 * s / sqrt(n) (s the sample standard deviation, ddof=1) clipped to "
@@ -411,6 +413,7 @@ def _prepare_output(output_dir: Path, settings: EvaluationSettings, overwrite: b
         stored.pop("hf_knowedit_version", None)
         stored_sha256 = stored.pop("dataset_sha256", None)
         stored.setdefault("editor_sees_probes", True)  # runs made before the setting gave the editor every probe
+        stored["config"] = _with_new_defaults(stored.get("method"), stored.get("config"))
         try:
             previous = EvaluationSettings(**stored).comparable()
         except (TypeError, EvaluationSettingsError):
@@ -433,6 +436,25 @@ def _prepare_output(output_dir: Path, settings: EvaluationSettings, overwrite: b
             (output_dir / name).unlink(missing_ok=True)
         shutil.rmtree(output_dir / EDIT_WORK_NAME, ignore_errors=True)
     write_json(path, {**asdict(settings), "dataset_sha256": dataset_sha256})
+
+
+def _with_new_defaults(method, config):
+    """A stored run's method `config` with the fields its config class gained since the run was made, at their
+    defaults: a field added later that the new run leaves at its default changes nothing it computes."""
+    if not isinstance(config, dict) or not isinstance(method, str):
+        return config
+    try:
+        config_class = get_config_class(method)
+    except EditConfigError:  # a method this version does not have: compared as stored
+        return config
+    added = {}
+    for spec in fields(config_class):
+        if spec.init and spec.name not in config and spec.name not in NOT_COMPARED_CONFIG_FIELDS:
+            if spec.default is not MISSING:
+                added[spec.name] = spec.default
+            elif spec.default_factory is not MISSING:
+                added[spec.name] = spec.default_factory()
+    return {**added, **config}
 
 
 class _Absent:
@@ -513,10 +535,7 @@ def run_evaluation(
     processes = _Processes()
     output_dir = Path(output_dir)
     config = build_config(settings.method, settings.config)
-    settings.config = config.to_dict()
-    settings.config.pop("edit_type", None)
-    settings.config = {k: v for k, v in settings.config.items()
-                       if k not in ("base_model_name_or_path", "revision")}
+    settings.config = {k: v for k, v in config.to_dict().items() if k not in NOT_COMPARED_CONFIG_FIELDS}
     settings.label = settings.label or default_label(settings.method, settings.config)
     snapshot_every = _snapshot_interval(settings, snapshot_every)
     if not Path(settings.dataset).exists():
