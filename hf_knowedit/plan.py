@@ -10,11 +10,11 @@ touches, and adds up what the method holds at each phase of its work, in bytes:
   Llama-like model saves per token: the two norm inputs, the attention's query, key, value and output (SDPA keeps no
   score matrix), and in its MLP the activation's input plus the two factors of the gated product. Only the blocks
   after the first trained or edited site are in the graph: FT from its tuned layer on, ROME and MEMIT from the layer
-  whose value they optimise (the blocks before it run once, without a graph), KN from each attributed layer;
+  whose value they optimise (the blocks before it run once, without a graph), KN from the first layer of each pass;
 - **logits and loss**: `tokens x vocabulary` tensors: the logits, the log-softmax that the loss saves, and the
   gradients the backward pass makes of them (three or four such tensors at the peak, depending on whether the code
-  keeps the logits alive); KN's integrated gradients keep the full logits of its `steps` scaled copies and get a
-  gradient of the same size back;
+  keeps the logits alive); KN's integrated gradients keep the full logits of the `steps` scaled copies of each layer
+  of a pass and get a gradient of the same size back;
 - **trainable parameters, gradients and optimizer states** of what a method trains (FT's dense change of a weight,
   T-Patcher's patches, CaliNET's slots, GRACE's values): fp32, Adam keeps two states, so four times the parameters;
 - **second-moment statistics** (ROME, MEMIT, AlphaEdit): `d_k x d_k` per edited layer in the accumulation dtype,
@@ -732,29 +732,33 @@ def _plan_kn(ctx: _Context) -> list[Phase]:
     steps = config.steps
     # The position that predicts the answer: the prompt's last token (an encoder-decoder's first decoder position).
     longest = 1 if spec.is_encoder_decoder else max(s.longest_prompt for s in ctx.shapes)
-    first = min(layers)
     # lm_head.weight.float(): a copy unless the model is in fp32
     embedding = spec.vocab_size * spec.hidden_size * FP32 if sizes.b != FP32 else 0
     attributions = len(layers) * spec.intermediate_size * FP32 * (1 + max(len(s.rephrase_tokens) for s in ctx.shapes))
     held = {"output_embedding_fp32": embedding, "attributions": attributions}
-    # Integrated gradients of the first layer: `steps` scaled copies, every later block in the graph. A decoder-only
-    # prompt of several tokens shares its prefix's key/value cache (expanded to the copies), so each copy runs its
-    # last token alone. The logits' gradient is as large as the full logits; in fp32 the logits themselves stay
-    # alive too (the probability is read through a view of them), in half precision `.float()` copies the read
-    # position instead.
+    # Integrated gradients of the first pass (the lowest layers: the most blocks in the graph): `steps` scaled copies
+    # of each of its layers in one batch, every block from its first layer on in the graph for the whole batch. A
+    # decoder-only prompt of several tokens shares its prefix's key/value cache (expanded to the copies), so each copy
+    # runs its last token alone. Each hooked layer clones the batch's activations to scale its rows. The logits'
+    # gradient is as large as the full logits; in fp32 the logits themselves stay alive too (the probability is read
+    # through a view of them), in half precision `.float()` copies the read position instead.
+    group = layers[: config.layers_per_pass or len(layers)]
+    first = min(group)
+    copies = steps * len(group)
     cached = not spec.is_encoder_decoder and longest > 1
-    tokens = steps if cached else steps * longest
+    tokens = copies if cached else copies * longest
     full_logits = (2 if sizes.b == FP32 else 1) * sizes.logits(tokens)
     ig = ctx.weights_phase(
-        f"integrated gradients (layer {first}, {steps} steps)", **held,
+        f"integrated gradients ({len(group)} layers from {first}, {steps} steps each)", **held,
         activations=sizes.blocks_saved(spec.num_layers - first - 1, tokens, 1 if cached else longest)
-        + sizes.hidden(tokens) + tokens * spec.intermediate_size * sizes.b,
-        kv_cache=sizes.kv_cache(steps * (longest - 1)) if cached else 0,
-        logits_and_loss=full_logits + sizes.upcast(steps) + 2 * sizes.logits32(steps),
+        + sizes.hidden(tokens) + len(group) * tokens * spec.intermediate_size * sizes.b,
+        kv_cache=sizes.kv_cache(copies * (longest - 1)) if cached else 0,
+        logits_and_loss=full_logits + sizes.upcast(copies) + 2 * sizes.logits32(copies),
     )
     probe = ctx.weights_phase("neuron activations", **held, **sizes.full_forward(longest))
-    ctx.assumptions.update(kn_layers=f"{first}..{max(layers)}" if len(layers) > 1 else layers,
-                           kn_attributed_tokens=f"{steps} x {1 if cached else longest}",
+    ctx.assumptions.update(kn_layers=f"{min(layers)}..{max(layers)}" if len(layers) > 1 else layers,
+                           kn_layers_per_pass=len(group),
+                           kn_attributed_tokens=f"{copies} x {1 if cached else longest}",
                            kn_prefix_cache=cached)
     return [probe, ig]
 

@@ -54,8 +54,8 @@ def test_integrated_gradients_are_complete():
     layout = resolve_layout(model)
     module = layout.mlp_out(model, 1)
     probe, token = prompt_probe(model, TOKENIZER, REQUEST.filled_prompt, REQUEST.target_true)
-    activation = neuron_activations(model, {1: module}, probe)[1]
-    attribution = integrated_gradients(model, module, probe, activation, token, steps=200)
+    activations = neuron_activations(model, {1: module}, probe)
+    attribution = integrated_gradients(model, {1: module}, probe, activations, token, steps=200)[1]
 
     def scale_at_probe(scale):
         def hook(module, args):
@@ -84,25 +84,52 @@ def test_prefix_cache_gives_the_full_attributions(arch):
     layout = resolve_layout(model)
     module = layout.mlp_out(model, 1)
     probe, token = prompt_probe(model, TOKENIZER, REQUEST.filled_prompt, REQUEST.target_true)
-    activation = neuron_activations(model, {1: module}, probe)[1]
-    cached = integrated_gradients(model, module, probe, activation, token, steps=8)
+    activations = neuron_activations(model, {1: module}, probe)
+    cached = integrated_gradients(model, {1: module}, probe, activations, token, steps=8)[1]
     assert probe.prefix_cache_checked == (arch != "t5")  # T5's decoder prompt is one token: nothing to share
     probe.use_prefix_cache = False
-    full = integrated_gradients(model, module, probe, activation, token, steps=8)
+    full = integrated_gradients(model, {1: module}, probe, activations, token, steps=8)[1]
     torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-6 * float(full.abs().max()))
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_layers_attributed_in_one_pass_get_the_attributions_of_a_pass_each(arch):
+    """Each layer's copies scale only that layer: batching the layers changes the cost, not the attributions."""
+    model = tiny_model(arch)
+    layout = resolve_layout(model)
+    modules = {layer: layout.mlp_out(model, layer) for layer in range(layout.num_layers)}
+    assert len(modules) > 1
+    probe, token = prompt_probe(model, TOKENIZER, REQUEST.filled_prompt, REQUEST.target_true)
+    activations = neuron_activations(model, modules, probe)
+    together = integrated_gradients(model, modules, probe, activations, token, steps=6)
+    for size in (1, 2):
+        apart = integrated_gradients(model, modules, probe, activations, token, steps=6, layers_per_pass=size)
+        assert apart.keys() == together.keys() == modules.keys()
+        for layer in modules:
+            scale = float(apart[layer].abs().max())
+            assert scale > 0, layer
+            torch.testing.assert_close(together[layer], apart[layer], rtol=1e-5, atol=1e-6 * scale)
+
+
+def test_the_layers_per_pass_do_not_change_the_edit():
+    edits = [EditedModel(tiny_model("llama"), TOKENIZER).add_edits(KNConfig(steps=4, layers_per_pass=size), [REQUEST])
+             for size in (None, 1)]
+    assert edits[0].get_edit().stats["kn_neurons"] == edits[1].get_edit().stats["kn_neurons"]
+    torch.testing.assert_close(logits(edits[0]), logits(edits[1]))
 
 
 def test_a_cache_that_disagrees_falls_back_to_the_full_prompt(caplog):
     model = tiny_model("llama")
     module = resolve_layout(model).mlp_out(model, 1)
     probe, token = prompt_probe(model, TOKENIZER, REQUEST.filled_prompt, REQUEST.target_true)
-    activation = neuron_activations(model, {1: module}, probe)[1]
+    activations = neuron_activations(model, {1: module}, probe)
     probe.reference_logits = probe.reference_logits + 1.0
-    attribution = integrated_gradients(model, module, probe, activation, token, steps=8)
+    attribution = integrated_gradients(model, {1: module}, probe, activations, token, steps=8)
     assert not probe.use_prefix_cache and "attributing without it" in caplog.text
     probe_again = prompt_probe(model, TOKENIZER, REQUEST.filled_prompt, REQUEST.target_true)[0]
     probe_again.use_prefix_cache = False
-    torch.testing.assert_close(attribution, integrated_gradients(model, module, probe_again, activation, token, 8))
+    torch.testing.assert_close(attribution[1],
+                               integrated_gradients(model, {1: module}, probe_again, activations, token, 8)[1])
 
 
 def test_config_is_checked():
@@ -110,3 +137,6 @@ def test_config_is_checked():
         KNConfig(attribution_threshold=0)
     with pytest.raises(EditConfigError, match="mode"):
         KNConfig(mode="delete")
+    for bad in (0, 1.5, True):
+        with pytest.raises(EditConfigError, match="layers_per_pass"):
+            KNConfig(layers_per_pass=bad)

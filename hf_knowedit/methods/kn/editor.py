@@ -10,7 +10,8 @@ from .attribution import integrated_gradients, neuron_activations, prompt_probe,
 from .config import KNConfig
 
 
-# the config fields the neurons depend on (a resumable edit's pieces are keyed by them, see `hf_knowedit.resumable`)
+# the config fields the neurons depend on (a resumable edit's pieces are keyed by them, see `hf_knowedit.resumable`);
+# `layers_per_pass` is not one of them: it changes how the layers are batched, not their attributions
 ATTRIBUTION_FIELDS = ("steps", "attribution_threshold", "refinement_share", "max_neurons")
 
 
@@ -82,10 +83,8 @@ class KNEditor(BaseEditor):
         for prompt in [request.filled_prompt, *request.rephrase_prompts]:
             prompt_ready = prompt_probe(model, tokenizer, prompt, request.target_new)[0]
             activations = neuron_activations(model, modules, prompt_ready)
-            attributions.append({
-                layer: integrated_gradients(model, module, prompt_ready, activations[layer], old_token, config.steps)
-                for layer, module in modules.items()
-            })
+            attributions.append(integrated_gradients(model, modules, prompt_ready, activations, old_token,
+                                                     config.steps, config.layers_per_pass))
         neurons = select_neurons(attributions, config.attribution_threshold, config.refinement_share,
                                  config.max_neurons)
         return {"neurons": torch.tensor(neurons, dtype=torch.long).reshape(-1, 2),
