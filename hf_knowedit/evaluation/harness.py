@@ -75,6 +75,7 @@ prompts too, since the edit must hold in the form the model is queried in. `summ
 SHA-256 and an example prompt; a tokenizer without a chat template raises `ChatTemplateError`.
 """
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -761,6 +762,9 @@ def run_evaluation(
                 for (chunk_no, _), records in zip(round_items, results, strict=True):
                     commit(records)
                     shutil.rmtree(_edit_work_dir(output_dir, chunk_no), ignore_errors=True)
+        if processes.is_main:
+            with contextlib.suppress(OSError):  # the folder of the chunks' work, once none is left in it
+                (output_dir / EDIT_WORK_NAME).rmdir()
     elif not all(i in done for i in indices):
         curve = processes.on_main(lambda: _trim_curve(curve_path, len(indices)))
         resume_edits = 0  # edits whose scores are recorded: recomputed to rebuild the state, not scored again
