@@ -179,6 +179,26 @@ def _lookup(edit_type: str):
     return EDIT_METHODS[edit_type]
 
 
+def with_default_fields(edit_type, data, leave_out: tuple[str, ...] = ()):
+    """A stored config dict of `edit_type` with the fields its config class gained since it was stored, at their
+    defaults (none of `leave_out`): what a config written by an older version means to this one. Anything that is
+    not a dict of a registered method comes back as it is.
+
+    >>> with_default_fields("kn", {"steps": 4})["layers_per_pass"]
+    8
+    """
+    if not isinstance(data, dict) or not isinstance(edit_type, str) or edit_type not in EDIT_METHODS:
+        return data
+    added = {}
+    for spec in dataclasses.fields(get_config_class(edit_type)):
+        if spec.init and spec.name not in data and spec.name not in leave_out:
+            if spec.default is not dataclasses.MISSING:
+                added[spec.name] = spec.default
+            elif spec.default_factory is not dataclasses.MISSING:
+                added[spec.name] = spec.default_factory()
+    return {**added, **data}
+
+
 def build_config(
     method: str | None,
     config: "dict | str | os.PathLike | None" = None,

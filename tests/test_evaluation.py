@@ -29,6 +29,7 @@ from hf_knowedit.evaluation.report import (
     _cell,
     _distinct_names,
     _series_key,
+    config_variant_names,
     efficiency_names,
     find_summaries,
     markdown_tables,
@@ -577,6 +578,19 @@ def test_table_of_all_runs_names_the_config_that_tells_runs_of_one_method_apart(
                     "| ROME"]
     main = table.split("All runs:")[0]
     assert "| IKE | " in main and "demonstrations_file" not in main
+
+
+def test_a_config_field_added_after_a_run_at_its_default_tells_no_runs_apart():
+    """A KN run stored before `layers_per_pass` existed and one made after, at its default, are one config; another
+    value of the field is a variant."""
+    def summary(path, config):
+        return Path(path), {**_table_summary("KN", 5, 0.1), "method": "kn", "method_config": config}
+
+    older = {"steps": 20, "attribution_threshold": 0.2}
+    runs = [summary("runs/kn_old", older), summary("runs/kn_new", {**older, "layers_per_pass": 8})]
+    assert config_variant_names(runs) == ["KN", "KN"]
+    runs.append(summary("runs/kn_other", {**older, "layers_per_pass": 2}))
+    assert config_variant_names(runs) == ["KN (layers_per_pass=8)", "KN (layers_per_pass=8)", "KN (layers_per_pass=2)"]
 
 
 def test_unedited_row_comes_from_the_run_with_the_most_cases():

@@ -87,18 +87,18 @@ import re
 import resource
 import shutil
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from ..artifacts import file_sha256
-from ..config import build_config, get_config_class, get_editor_class
+from ..config import build_config, get_editor_class, with_default_fields
 from ..data import load_edit_dataset
 from ..devices import input_device
 from ..distributed import join_process_group, rank_and_world_size
 from ..edited_model import EditedModel
-from ..errors import ContradictoryRequestsError, EditConfigError, EditFailedError, KnowEditError
+from ..errors import ContradictoryRequestsError, EditFailedError, KnowEditError
 from ..metrics import FLUENCY_PROTOCOL, PROTOCOLS
 from ..resumable import resumable_edits
 from ..scoring import BatchScorer
@@ -414,7 +414,7 @@ def _prepare_output(output_dir: Path, settings: EvaluationSettings, overwrite: b
         stored.pop("hf_knowedit_version", None)
         stored_sha256 = stored.pop("dataset_sha256", None)
         stored.setdefault("editor_sees_probes", True)  # runs made before the setting gave the editor every probe
-        stored["config"] = _with_new_defaults(stored.get("method"), stored.get("config"))
+        stored["config"] = with_default_fields(stored.get("method"), stored.get("config"), NOT_COMPARED_CONFIG_FIELDS)
         try:
             previous = EvaluationSettings(**stored).comparable()
         except (TypeError, EvaluationSettingsError):
@@ -437,25 +437,6 @@ def _prepare_output(output_dir: Path, settings: EvaluationSettings, overwrite: b
             (output_dir / name).unlink(missing_ok=True)
         shutil.rmtree(output_dir / EDIT_WORK_NAME, ignore_errors=True)
     write_json(path, {**asdict(settings), "dataset_sha256": dataset_sha256})
-
-
-def _with_new_defaults(method, config):
-    """A stored run's method `config` with the fields its config class gained since the run was made, at their
-    defaults: a field added later that the new run leaves at its default changes nothing it computes."""
-    if not isinstance(config, dict) or not isinstance(method, str):
-        return config
-    try:
-        config_class = get_config_class(method)
-    except EditConfigError:  # a method this version does not have: compared as stored
-        return config
-    added = {}
-    for spec in fields(config_class):
-        if spec.init and spec.name not in config and spec.name not in NOT_COMPARED_CONFIG_FIELDS:
-            if spec.default is not MISSING:
-                added[spec.name] = spec.default
-            elif spec.default_factory is not MISSING:
-                added[spec.name] = spec.default_factory()
-    return {**added, **config}
 
 
 class _Absent:

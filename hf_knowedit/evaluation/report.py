@@ -15,7 +15,8 @@ import json
 import os
 from pathlib import Path
 
-from .harness import SUMMARY_NAME, refresh_intervals, report_label
+from ..config import with_default_fields
+from .harness import NOT_COMPARED_CONFIG_FIELDS, SUMMARY_NAME, refresh_intervals, report_label
 
 
 TABLE_METRICS = (("reliability", "Rel."), ("generalization", "Gen."), ("locality_unchanged", "Loc."),
@@ -184,7 +185,9 @@ def _rel(path: Path, relative_to) -> str:
 def _variant(summary: dict) -> dict:
     """The method's config and the settings that change what an editor does."""
     settings = summary.get("settings") or {}
-    return {**(summary.get("method_config") or {}), "editor_sees_probes": _editor_saw_probes(summary),
+    # a field the config class gained after the run, at its default, tells no runs apart
+    config = with_default_fields(summary.get("method"), summary.get("method_config") or {}, NOT_COMPARED_CONFIG_FIELDS)
+    return {**config, "editor_sees_probes": _editor_saw_probes(summary),
             "chat_template": bool(settings.get("chat_template"))}
 
 
