@@ -11,6 +11,10 @@ measured apart from the timed calls).
 
     python benchmarks/bench_kn.py --n 5
     python benchmarks/bench_kn.py --n 3 --layers-per-pass all,10,5,1
+    python benchmarks/bench_kn.py --n 1 --layers-per-pass 8,1 --edit DIR  # after a stream's edits (DIR: e.g. the
+        # snapshot at 400 of KN's CounterFact stream, in git history: `git archive 9f14d2c~1
+        # runs/counterfact/kn_sequential500/snapshots/at-400 | tar -x -C /tmp`, then DIR=/tmp/runs/counterfact/
+        # kn_sequential500/snapshots/at-400/edit/evaluation)
 """
 
 import argparse
@@ -26,6 +30,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=5, help="CounterFact requests.")
     parser.add_argument("--config", default=str(ROOT / "editing_configs" / "kn" / "llama.json"))
+    parser.add_argument("--edit", default=None,
+                        help="An edit folder (save_pretrained) to apply first: attribution on an edited model, e.g. "
+                             "the snapshot of a KN stream.")
     parser.add_argument("--layers-per-pass", default="all,1",
                         help="Comma-separated values compared ('all' for None); the last must be 1, the reference.")
     args = parser.parse_args()
@@ -37,7 +44,8 @@ def main() -> None:
     from hf_knowedit.methods.kn.editor import KNEditor
 
     model, tokenizer = load_default_model()
-    edited = EditedModel(model, tokenizer)
+    edited = (EditedModel.from_pretrained(model, args.edit, tokenizer=tokenizer) if args.edit
+              else EditedModel(model, tokenizer))
     base = build_config("kn", args.config, {})
     layers = base.resolve_layers(edited.layout)
     modules = {layer: edited.layout.mlp_out(model, layer) for layer in layers}
@@ -72,7 +80,8 @@ def main() -> None:
             KNEditor(config).knowledge_neurons(edited, modules, requests[0])
         peaks[name] = memory.peak_tensor_bytes
 
-    print(f"KN attribution on the default model, {len(requests)} CounterFact requests, {len(layers)} layers, "
+    print(f"KN attribution on the default model{' with the edit ' + args.edit if args.edit else ''}, "
+          f"{len(requests)} CounterFact requests, {len(layers)} layers, "
           f"{base.steps} steps, torch threads {torch.get_num_threads()}")
     for name in configs:
         print(f"{name:<24} {statistics.median(seconds[name]):7.2f} s per request (median)   "

@@ -48,9 +48,14 @@ def test_erase_zeroes_the_value_vectors():
     torch.testing.assert_close(delta.values, -weight[:, indices])
 
 
-def test_integrated_gradients_are_complete():
-    """The attributions of a layer sum to P(y | activation) − P(y | 0) (Sundararajan et al.'s completeness)."""
+@pytest.mark.parametrize("sharpness", [1.0, 60.0])
+def test_integrated_gradients_are_complete(sharpness):
+    """The attributions of a layer sum to P(y | activation) − P(y | 0) (Sundararajan et al.'s completeness), also for
+    an answer the model finds all but impossible (output embeddings scaled up: P < 1e-20), whose gradient is taken
+    as P · ∂log P."""
     model = tiny_model("gpt2")
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(sharpness)
     layout = resolve_layout(model)
     module = layout.mlp_out(model, 1)
     probe, token = prompt_probe(model, TOKENIZER, REQUEST.filled_prompt, REQUEST.target_true)
@@ -74,7 +79,9 @@ def test_integrated_gradients_are_complete():
             handle.remove()
 
     expected = probability(1.0) - probability(0.0)
-    assert float(attribution.sum()) == pytest.approx(float(expected), rel=0.05, abs=1e-7)
+    if sharpness > 1:
+        assert 0 < abs(float(expected)) < 1e-20  # the regime the test is for
+    assert float(attribution.sum()) == pytest.approx(float(expected), rel=0.05, abs=1e-7 * abs(float(expected)))
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

@@ -121,10 +121,20 @@ def _attribute_pass(model, modules: dict[int, nn.Module], probe: PromptProbe, ac
                            "without it (slower).", type(model).__name__)
             probe.use_prefix_cache = False
             logits = _scaled_logits(model, modules, probe, scaled, None)
+    # ∂P/∂w = P · ∂log P/∂w, row by row (the copies are independent): the gradient of log P keeps its size when the
+    # answer is all but impossible (the old answer after hundreds of KN edits in a stream), where that of P falls
+    # below fp32's normal range and a CPU's denormal arithmetic is several times slower
+    # (`benchmarks/bench_kn.py --edit` times a request on an edited model)
     with torch.enable_grad():
-        probabilities = logits.softmax(-1)[:, token]
-        grads = torch.autograd.grad(probabilities.sum(), list(scaled.values()))
-    return {layer: activations[layer] * g.mean(0) for layer, g in zip(scaled, grads, strict=True)}
+        log_probabilities = logits.log_softmax(-1)[:, token]
+        grads = torch.autograd.grad(log_probabilities.sum(), list(scaled.values()))
+    probabilities = log_probabilities.detach().exp()
+    attributions, first_row = {}, 0
+    for layer, g in zip(scaled, grads, strict=True):
+        rows = probabilities[first_row : first_row + g.shape[0], None]
+        attributions[layer] = activations[layer] * (rows * g).mean(0)
+        first_row += g.shape[0]
+    return attributions
 
 
 def _scaled_logits(model, modules: dict[int, nn.Module], probe: PromptProbe, scaled: dict[int, torch.Tensor],
