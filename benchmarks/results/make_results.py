@@ -13,10 +13,12 @@ benchmarks/results/run_single_edits.sh.
   others as they are. The table of all runs gets the rows of the runs here, new ones included, in the report's
   order, and keeps the rows of the missing runs. The main tables and the plots of docs/report_all are left alone:
   they compare every run, and are rebuilt only when all of them are here. The plots of the runs that are here go to
-  docs/report_in_git instead (PARTIAL_PLOTS).
+  docs/report_in_git instead (PARTIAL_PLOTS). A run here that is not complete, made again after a complete run of
+  that folder was lost, keeps the complete run's rows until it completes (`being_redone`).
 - docs/report_gpu: the plots of `hf-knowedit report` over the GPU runs under runs/gpu (benchmarks/results/run_gpu.sh),
   kept apart from the CPU runs' plots so that no plot sets GPU seconds beside CPU seconds.
 """
+import json
 import re
 import subprocess
 import sys
@@ -31,28 +33,45 @@ PARTIAL_PLOTS = Path("docs/report_in_git")  # --partial: the plots of the runs h
 RUN_CELL = re.compile(r"\| `([^`]+)` \|$")  # a table row's last cell: the run it comes from
 
 
-def rows_block(match: re.Match, partial: bool = False) -> str:
+def rows_block(match: re.Match, partial: bool = False, redoing: frozenset = frozenset()) -> str:
     """The table between <!-- rows KIND --> and <!-- /rows --> with each row that names a run recomputed (with
-    PARTIAL, only those whose run is here)."""
+    PARTIAL, only those whose run is here, and not those being made again, REDOING)."""
     lines = []
     for line in match.group(2).splitlines():
         run = RUN_CELL.search(line)
-        keep = not run or (partial and not (Path(run.group(1)) / "summary.json").is_file())
+        keep = not run or (partial and (not (Path(run.group(1)) / "summary.json").is_file() or run.group(1) in redoing))
         lines.append(line if keep else row(match.group(1), line.split("|")[1].strip(), run.group(1)))
     return match.group(0).replace(match.group(2), "\n".join(lines))
 
 
-def merge_all_runs(old: str, new: str) -> str:
-    """The table of all runs OLD with the rows of NEW (the runs here) replacing or joining its rows, in the report's
-    order (dataset, method, mode, batch size, then run)."""
-    def rows(table: str) -> dict[str, str]:
-        return {run.group(1): line for line in table.splitlines() if (run := RUN_CELL.search(line))}
+def table_rows(table: str) -> dict[str, str]:
+    """The rows of a table that end with a run, by run."""
+    return {run.group(1): line for line in table.splitlines() if (run := RUN_CELL.search(line))}
+
+
+def being_redone(old_all_runs: str) -> frozenset:
+    """The runs here that are not complete, being made again, whose row in the table of all runs OLD_ALL_RUNS says a
+    complete run made it (its cases cell `n/n`): a lost run redone part-way keeps the complete run's rows until it
+    completes."""
+    redoing = set()
+    for run, line in table_rows(old_all_runs).items():
+        summary = Path(run) / "summary.json"
+        cases = [cell.strip() for cell in line.split("|")[1:-1]][5].split("/")
+        if summary.is_file() and cases[0] == cases[-1] and not json.loads(summary.read_text()).get("complete", True):
+            redoing.add(run)
+    return frozenset(redoing)
+
+
+def merge_all_runs(old: str, new: str, redoing: frozenset = frozenset()) -> str:
+    """The table of all runs OLD with the rows of NEW (the runs here) replacing or joining its rows, but not those of
+    REDOING, in the report's order (dataset, method, mode, batch size, then run)."""
+    rows = table_rows
 
     def order(line: str) -> tuple:
         cells = [cell.strip() for cell in line.split("|")[1:-1]]
         return cells[1], cells[0], cells[2].rstrip(" †"), int(cells[3]), cells[-1].strip("`")
 
-    merged = rows(old) | rows(new)
+    merged = rows(old) | {run: line for run, line in rows(new).items() if run not in redoing}
     head = new.splitlines()[:2]
     notes = new.split("\n\n", 1)[1] if "\n\n" in new.strip() else old.split("\n\n", 1)[1]
     return "\n".join(head + sorted(merged.values(), key=order)) + "\n\n" + notes
@@ -89,17 +108,21 @@ def main(argv: list[str]):
         subprocess.run([".venv/bin/hf-knowedit", "report", *gpu_runs, "--output", "docs/report_gpu"], check=True,
                        capture_output=True)
     doc = Path("docs/results.md").read_text()
+    redoing = frozenset()
     if partial:
         old = re.search(r"<!-- all -->\n(.*?)<!-- /all -->", doc, re.S).group(1)
-        tables = {"all": merge_all_runs(old, tables["all"])}
+        redoing = being_redone(old)
+        tables = {"all": merge_all_runs(old, tables["all"], redoing)}
     for key, table in tables.items():
         pattern = rf"(<!-- {key} -->\n).*?(<!-- /{key} -->)"
         doc = re.sub(pattern, lambda m, table=table: m.group(1) + table + m.group(2), doc, flags=re.S)
-    doc = re.sub(r"<!-- rows (\w+) -->\n(.*?)\n<!-- /rows -->", lambda m: rows_block(m, partial), doc, flags=re.S)
+    doc = re.sub(r"<!-- rows (\w+) -->\n(.*?)\n<!-- /rows -->", lambda m: rows_block(m, partial, redoing), doc,
+                 flags=re.S)
     Path("docs/results.md").write_text(doc)
     print("runs:", len(runs), "GPU runs:", len(gpu_runs),
           f"(--partial: {len(missing)} missing runs' rows kept; main tables and docs/report_all not rebuilt; plots of "
-          f"the runs here in {PARTIAL_PLOTS})" if partial else "")
+          f"the runs here in {PARTIAL_PLOTS}); being made again, their complete runs' rows kept: "
+          f"{', '.join(sorted(redoing)) or 'none'}" if partial else "")
 
 
 if __name__ == "__main__":
