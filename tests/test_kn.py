@@ -51,8 +51,8 @@ def test_erase_zeroes_the_value_vectors():
 @pytest.mark.parametrize("sharpness", [1.0, 60.0])
 def test_integrated_gradients_are_complete(sharpness):
     """The attributions of a layer sum to P(y | activation) − P(y | 0) (Sundararajan et al.'s completeness), also for
-    an answer the model finds all but impossible (output embeddings scaled up: P < 1e-20), whose gradient is taken
-    as P · ∂log P."""
+    an answer the model finds all but impossible (output embeddings scaled up: P < 1e-20): taking the gradient as
+    P · ∂log P keeps the sum exact there. (Speed, the reason for it, is a benchmark's: `bench_kn.py --edit`.)"""
     model = tiny_model("gpt2")
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(sharpness)

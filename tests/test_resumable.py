@@ -48,6 +48,11 @@ def assert_same_edit(a, b):
         assert torch.equal(left[name], right[name]), name
 
 
+def run_records(output) -> list[dict]:
+    """The per-case records of the evaluation run in `output`."""
+    return [json.loads(line) for line in (output / "results.jsonl").read_text().splitlines()]
+
+
 def stop_after(monkeypatch, module, name, calls: int):
     """Make `module.name` raise on its call number `calls + 1` (an edit killed part-way)."""
     original, count = getattr(module, name), [0]
@@ -154,8 +159,7 @@ def test_the_harness_resumes_a_batch_stopped_in_its_edit_and_drops_its_work_once
     save_file(tensors, str(piece), metadata={**metadata, "seconds": "1000.0"})
     summary = run(tmp_path / "run")
     assert summary["complete"] and not (tmp_path / "run" / "edit_work").exists()  # every chunk recorded: all dropped
-    records = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
-    whole = [json.loads(line) for line in (tmp_path / "whole" / "results.jsonl").read_text().splitlines()]
+    records, whole = run_records(tmp_path / "run"), run_records(tmp_path / "whole")
     assert [r["post"]["scores"] for r in records] == [r["post"]["scores"] for r in whole]
     assert records[2]["edit_seconds"] * 2 >= 1000 > records[0]["edit_seconds"] * 2  # chunk 1 reused the piece
 
@@ -196,8 +200,7 @@ def test_a_batch_stopped_in_its_scoring_scores_only_the_parts_it_had_not_scored(
     stop_after(monkeypatch, values_module, "_optimize_chunk", 0)  # the target values must be read back
     summary = run(tmp_path / "run")
     assert scored == [2] and summary["complete"] and not work.exists()  # only the part left was scored
-    records = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
-    whole = [json.loads(line) for line in (tmp_path / "whole" / "results.jsonl").read_text().splitlines()]
+    records, whole = run_records(tmp_path / "run"), run_records(tmp_path / "whole")
     assert [r["index"] for r in records] == [0, 1, 2, 3]
     assert [r["post"]["scores"] for r in records] == [r["post"]["scores"] for r in whole]
     assert len({r["edit_seconds"] for r in records}) == 1  # one edit, one time
@@ -213,7 +216,7 @@ def test_a_case_that_contradicts_an_earlier_one_of_its_batch_is_refused_alone(tm
     settings = EvaluationSettings(method="memit", config=MEMIT.to_dict(), model="tiny-llama", dataset=str(dataset),
                                   n=4, mode="batch", batch_size=4, fluency_tokens=0, protocols=["token_accuracy"])
     summary = run_evaluation(settings, tmp_path / "run", model=tiny_model("llama"), tokenizer=TOKENIZER)
-    records = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    records = run_records(tmp_path / "run")
     assert [r["edit_refused"] is None for r in records] == [True, True, True, False]
     assert records[3]["edit_refused"].startswith("contradicts case 0 of its chunk")
     assert records[3]["post"]["scores"] == records[3]["pre"]["scores"]  # scored without its edit

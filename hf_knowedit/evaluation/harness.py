@@ -715,18 +715,14 @@ def run_evaluation(
             torch.cuda.reset_peak_memory_stats()
         _seed(settings.seed + chunk_no)
         start = time.perf_counter()
-        if len(chunk) > 1:  # a batch's long per-request work is kept until its scores are recorded (see below)
-            with resumable_edits(_edit_work_dir(output_dir, chunk_no)) as work:
-                refused = apply_edits(chunk)
-            # the edit's time is that of an uninterrupted one: the pieces an earlier, stopped run computed count too
-            reused_seconds = work.reused_seconds
-        else:
-            refused, reused_seconds = apply_edits(chunk), 0.0
+        batch = len(chunk) > 1  # a batch keeps its edit's per-request work and its scored parts until recorded
+        with (resumable_edits(_edit_work_dir(output_dir, chunk_no)) if batch else contextlib.nullcontext()) as work:
+            refused = apply_edits(chunk)
+        # the edit's time is that of an uninterrupted one: the pieces an earlier, stopped run computed count too
+        reused_seconds = work.reused_seconds if batch else 0.0
         edit_seconds = (time.perf_counter() - start + reused_seconds) / len(chunk)
-        if len(chunk) > 1:
-            records = score_in_parts(chunk, chunk_no, edit_seconds)
-        else:
-            records = score_and_record(chunk, chunk_no, edit_seconds, len(chunk))
+        records = (score_in_parts(chunk, chunk_no, edit_seconds) if batch
+                   else score_and_record(chunk, chunk_no, edit_seconds, len(chunk)))
         if EDIT_NAME in edited.edit_names:  # absent when every edit was refused
             edited.delete_edit(EDIT_NAME)
         restored = _check_restored(scorer, by_index[chunk[0]], pre_records[chunk[0]])

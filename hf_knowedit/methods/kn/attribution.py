@@ -14,8 +14,9 @@ is checked against the full model's logits; a model whose cache gives other logi
 The layers are attributed together: the `steps` copies of each of `layers_per_pass` layers (each copy scaling its own
 layer's activation and leaving the others as they are) run as one batch of `steps × layers_per_pass` rows and one
 backward pass, instead of a forward and backward pass per layer. The rows are independent, so each layer's gradients
-are those of a pass of its own: on the default model (30 layers, 20 steps, CPU) 10 layers per pass are 3x faster per
-prompt than one, with the same attributions to the bit (`benchmarks/bench_kn.py`).
+are those of a pass of its own: on the default model (30 layers, 20 steps, one CPU thread) 8 layers per pass are 2.9x
+faster per prompt than one, with the same attributions to the bit (`benchmarks/bench_kn.py --n 2 --layers-per-pass
+all,10,8,1`).
 """
 
 from dataclasses import dataclass
@@ -108,9 +109,8 @@ def integrated_gradients(model, modules: dict[int, nn.Module], probe: PromptProb
 def _attribute_pass(model, modules: dict[int, nn.Module], probe: PromptProbe, activations: dict[int, torch.Tensor],
                     token: int, steps: int) -> dict[int, torch.Tensor]:
     """The attributions of `modules`' layers from one batch of `steps` copies per layer."""
-    alphas = {layer: torch.arange(1, steps + 1, device=a.device, dtype=torch.float32) / steps
-              for layer, a in activations.items()}
-    scaled = {layer: (alphas[layer][:, None] * a[None]).requires_grad_(True) for layer, a in activations.items()}
+    scaled = {layer: (torch.arange(1, steps + 1, device=a.device, dtype=torch.float32)[:, None] / steps * a[None])
+              .requires_grad_(True) for layer, a in activations.items()}  # α = 1/steps ... 1, on each layer's device
     cached = _prefix_cached_inputs(model, probe, steps * len(modules))
     logits = _scaled_logits(model, modules, probe, scaled, cached)
     if cached is not None and not probe.prefix_cache_checked:
