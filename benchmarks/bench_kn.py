@@ -3,14 +3,14 @@
 For each of the first --n CounterFact requests, the request's knowledge neurons (`KNEditor.knowledge_neurons`: the
 integrated gradients of the edit prompt and its rephrase, at every layer, `editing_configs/kn/llama.json`) are
 computed in the same process for each `layers_per_pass` of --layers-per-pass, alternating the order: by default
-`None` (all 30 layers in one batch of 20 x 30 copies) and `1` (the way KN ran before: a forward and backward pass
-per layer, the reference).
+8 (the config's default: 8 layers in one batch of 20 x 8 copies) and `1` (the way KN ran before: a forward and
+backward pass per layer, the reference).
 Prints the seconds of each, their ratio, whether the selected neurons are the same, the largest difference of the
 attributions of the edit prompts, and the tensor peak of each on the first request (`hf_knowedit.memory.track_memory`,
 measured apart from the timed calls).
 
     python benchmarks/bench_kn.py --n 5
-    python benchmarks/bench_kn.py --n 3 --layers-per-pass all,10,5,1
+    python benchmarks/bench_kn.py --n 2 --layers-per-pass all,10,8,1
     python benchmarks/bench_kn.py --n 1 --layers-per-pass 8,1 --edit DIR  # after a stream's edits (DIR: e.g. the
         # snapshot at 400 of KN's CounterFact stream, in git history: `git archive 9f14d2c~1
         # runs/counterfact/kn_sequential500/snapshots/at-400 | tar -x -C /tmp`, then DIR=/tmp/runs/counterfact/
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--edit", default=None,
                         help="An edit folder (save_pretrained) to apply first: attribution on an edited model, e.g. "
                              "the snapshot of a KN stream.")
-    parser.add_argument("--layers-per-pass", default="all,1",
+    parser.add_argument("--layers-per-pass", default="8,1",
                         help="Comma-separated values compared ('all' for None); the last must be 1, the reference.")
     args = parser.parse_args()
 
