@@ -272,6 +272,58 @@ def test_resumes_a_run_made_before_its_method_config_gained_a_field(dataset, tmp
         _run(other, output)
 
 
+def test_a_run_records_its_trained_editor_and_refuses_one_trained_again(dataset, tmp_path, caplog):
+    """A learned method's config names its editor by path; the run records the editor's weights, so that an editor
+    trained again at that path is not mixed into a run begun with the other one, and reports tell the runs apart."""
+    from hf_knowedit.training import EditorTrainingArguments, editor_identity, train_editor
+
+    requests = load_edit_dataset(dataset)
+    editor_dir = tmp_path / "mend-tiny"
+
+    def train(steps):
+        shutil.rmtree(editor_dir, ignore_errors=True)
+        train_editor("mend", tiny_model("llama"), tiny_tokenizer(), requests, editor_dir,
+                     args=EditorTrainingArguments(batch_size=2, validation_size=1), max_steps=steps)
+        return editor_identity(editor_dir)
+
+    first = train(1)
+    assert first["steps"] == 1 and first["status"] == "completed" and len(first["sha256"]) == 64
+
+    def settings(n):
+        return EvaluationSettings(method="mend", config={"editor": str(editor_dir)}, model="tiny-llama",
+                                  dataset=dataset, n=n, fluency_tokens=0, protocols=["token_accuracy"])
+
+    output = tmp_path / "run"
+    summary = _run(settings(1), output)
+    assert summary["editor"] == first
+    assert json.loads((output / "settings.json").read_text())["editor"] == first
+    assert _run(settings(2), output)["num_completed"] == 2  # the same editor: resumed
+    second = train(2)
+    assert second["sha256"] != first["sha256"]
+    with pytest.raises(EvaluationSettingsError, match=f"trained editor .*{first['sha256'][:12]}... \\(1 steps\\) "
+                                                      f"there, {second['sha256'][:12]}... \\(2 steps\\) now"):
+        _run(settings(3), output)
+    assert len(_records(output)) == 2  # nothing of the refused run was written
+    _run(settings(1), tmp_path / "again")  # a new run with the new editor
+
+    # a run made before runs recorded their editor goes on, with a warning
+    stored = json.loads((output / "settings.json").read_text())
+    del stored["editor"]
+    (output / "settings.json").write_text(json.dumps(stored))
+    with caplog.at_level("WARNING", logger="hf_knowedit"):
+        assert _run(settings(3), output)["editor"] == second
+    assert "does not record which trained editor it began with" in caplog.text
+
+    # the report tells the two runs apart by their editors' weights
+    runs = [(output, json.loads((output / "summary.json").read_text())),
+            (tmp_path / "again", json.loads((tmp_path / "again" / "summary.json").read_text()))]
+    runs[0][1]["editor"] = first
+    assert config_variant_names(runs) == [f"MEND (editor_weights={first['sha256'][:12]})",
+                                          f"MEND (editor_weights={second['sha256'][:12]})"]
+    del runs[0][1]["editor"]  # a summary written before runs recorded their editor
+    assert config_variant_names(runs)[0] == "MEND (editor_weights=unrecorded)"
+
+
 def test_resumes_when_the_same_dataset_is_named_by_another_path(dataset, tmp_path, monkeypatch):
     output = tmp_path / "run"
     _run(_settings(dataset, n=2), output)

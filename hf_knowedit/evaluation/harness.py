@@ -3,8 +3,11 @@
 A run writes into its output directory:
 
 - `settings.json`: what was run (method and config, model, dataset, selection, mode, schedule, protocols, seed), and
-  the SHA-256 of the dataset file. A later run into the same directory must have the same settings (the same dataset
-  file may be named by another path), and then resumes it; `overwrite=True` deletes it and starts afresh.
+  the SHA-256 of the dataset file; for a learned method (MEND, KE, SERAC), `editor`: the SHA-256 of its trained
+  editor's weights and its training steps (`hf_knowedit.training.editor_identity`), since the path a config names
+  may hold an editor trained again since. A later run into the same directory must have the same settings and editor
+  (the same dataset file may be named by another path), and then resumes it; `overwrite=True` deletes it and starts
+  afresh.
 - `pre.jsonl`: one line per case, the untouched model's scores (and the raw locality outputs that "unchanged" compares
   with).
 - `results.jsonl`: one line per case: pre and post scores, skipped metrics with reasons, the fluency generations (when
@@ -15,7 +18,7 @@ A run writes into its output directory:
 - `curve.jsonl` (sequential runs with `every:K`): the mean scores of all cases edited so far, every K edits, how
   many of those edits were refused, and their mean seconds per edit (a report shows a stream stopped before its end
   at its last checkpoint, seconds included).
-- `summary.json`: means with 95% confidence intervals, skip counts, refused edits, efficiency, versions.
+- `summary.json`: means with 95% confidence intervals, skip counts, refused edits, efficiency, versions, the editor.
 - `snapshots/at-<N>/` (sequential runs, while they are not complete): the edited state after the last N edits
   snapshotted (see `hf_knowedit.evaluation.snapshots`; `snapshot_every` of `run_evaluation` says when), deleted when
   the stream ends.
@@ -98,7 +101,7 @@ from ..data import load_edit_dataset
 from ..devices import input_device
 from ..distributed import join_process_group, rank_and_world_size
 from ..edited_model import EditedModel
-from ..errors import ContradictoryRequestsError, EditFailedError, KnowEditError
+from ..errors import ArtifactError, ContradictoryRequestsError, EditFailedError, KnowEditError
 from ..metrics import FLUENCY_PROTOCOL, PROTOCOLS
 from ..resumable import resumable_edits
 from ..scoring import BatchScorer
@@ -119,6 +122,7 @@ SUMMARY_NAME = "summary.json"
 EDIT_WORK_NAME = "edit_work"  # the finished per-request work of batch edits not yet scored
 EDIT_WORK_SCORES = "scores.jsonl"  # in a chunk's edit work: the records of its parts scored so far
 EDIT_NAME = "evaluation"
+EDITOR_KEY = "editor"  # in settings.json and summary.json: the identity of a learned method's trained editor
 # a method config's fields that a run's settings leave out: the method is its own setting, the model another
 NOT_COMPARED_CONFIG_FIELDS = ("edit_type", "base_model_name_or_path", "revision")
 NORMAL_CLIPPED = "normal, clipped to [0, 1]"
@@ -405,14 +409,34 @@ def _file_sha256(path) -> str | None:
         return None
 
 
-def _prepare_output(output_dir: Path, settings: EvaluationSettings, overwrite: bool) -> None:
+def _editor_identity(config: dict) -> dict | None:
+    """The identity (weights' SHA-256, training steps) of the trained editor a learned method's config names, or
+    `None` for methods without one, the untrained network, or an editor that cannot be found (the method says what
+    is missing when it loads it)."""
+    from ..training import UNTRAINED, editor_identity
+
+    source = config.get("editor")
+    if not isinstance(source, str) or source == UNTRAINED:
+        return None
+    try:
+        return editor_identity(source)
+    except ArtifactError:
+        return None
+
+
+def _prepare_output(output_dir: Path, settings: EvaluationSettings, overwrite: bool) -> dict | None:
+    """Check a run already in `output_dir` against `settings` (or delete it, with `overwrite`), write
+    `settings.json`, and return the identity of the trained editor the run uses (see :func:`_editor_identity`)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / SETTINGS_NAME
     dataset_sha256 = _file_sha256(settings.dataset)
+    editor = _editor_identity(settings.config)
     if path.is_file():
         stored = json.loads(path.read_text(encoding="utf-8"))
         stored.pop("hf_knowedit_version", None)
         stored_sha256 = stored.pop("dataset_sha256", None)
+        recorded = EDITOR_KEY in stored  # runs made before runs recorded their editor lack the key
+        stored_editor = stored.pop(EDITOR_KEY, None)
         stored.setdefault("editor_sees_probes", True)  # runs made before the setting gave the editor every probe
         stored["config"] = with_default_fields(stored.get("method"), stored.get("config"), NOT_COMPARED_CONFIG_FIELDS)
         try:
@@ -424,19 +448,28 @@ def _prepare_output(output_dir: Path, settings: EvaluationSettings, overwrite: b
                 and (stored_sha256 or _file_sha256(previous.get("dataset", ""))) == dataset_sha256):
             previous["dataset"] = current["dataset"]  # the same file, named by another path (relative, moved)
         differing = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
-        if differing and not overwrite:
-            shown = asdict(settings)  # a setting compared in one mode only (`n`) shows its value in both
-            pairs = {k: (previous.get(k, stored.get(k)), current.get(k, shown.get(k))) for k in differing}
-            details = "; ".join(_differences(k, there, now) for k, (there, now) in pairs.items() if there != now)
+        shown = asdict(settings)  # a setting compared in one mode only (`n`) shows its value in both
+        pairs = {k: (previous.get(k, stored.get(k)), current.get(k, shown.get(k))) for k in differing}
+        details = [_differences(k, there, now) for k, (there, now) in pairs.items() if there != now]
+        if stored_editor and editor and stored_editor.get("sha256") != editor["sha256"]:
+            details.append(f"the trained editor {settings.config['editor']!r}: weights with SHA-256 "
+                           f"{str(stored_editor.get('sha256'))[:12]}... ({stored_editor.get('steps')} steps) there, "
+                           f"{editor['sha256'][:12]}... ({editor['steps']} steps) now; it was trained again")
+        if details and not overwrite:
             raise EvaluationSettingsError(
-                f"The output directory {str(output_dir)!r} holds a run with other settings ({details}). Use another "
-                "directory, or overwrite=True (--overwrite) to delete that run."
+                f"The output directory {str(output_dir)!r} holds a run with other settings ({'; '.join(details)}). "
+                "Use another directory, or overwrite=True (--overwrite) to delete that run."
             )
+        if editor and not recorded and not overwrite:
+            logger.warning("The run in %s does not record which trained editor it began with (it was made before runs "
+                           "recorded it); it goes on with the editor at %r, weights SHA-256 %s...", output_dir,
+                           settings.config["editor"], editor["sha256"][:12])
     if overwrite:
         for name in (SETTINGS_NAME, PRE_NAME, RESULTS_NAME, CURVE_NAME, SUMMARY_NAME):
             (output_dir / name).unlink(missing_ok=True)
         shutil.rmtree(output_dir / EDIT_WORK_NAME, ignore_errors=True)
-    write_json(path, {**asdict(settings), "dataset_sha256": dataset_sha256})
+    write_json(path, {**asdict(settings), "dataset_sha256": dataset_sha256, EDITOR_KEY: editor})
+    return editor
 
 
 class _Absent:
@@ -523,7 +556,7 @@ def run_evaluation(
     if not Path(settings.dataset).exists():
         raise EvaluationSettingsError(f"The dataset file {settings.dataset!r} does not exist.")
     requests = load_edit_dataset(settings.dataset, n=settings.n, offset=settings.offset)
-    processes.on_main(lambda: _prepare_output(output_dir, settings, overwrite))
+    editor = processes.on_main(lambda: _prepare_output(output_dir, settings, overwrite))
     if model is None:
         model, loaded_tokenizer = load_model_and_tokenizer(settings.model, dtype=getattr(torch, settings.dtype),
                                                            device_map=settings.device_map)
@@ -596,7 +629,7 @@ def run_evaluation(
         summary = summarize([done[i] for i in indices if i in done], settings,
                             wall_seconds=time.perf_counter() - start_wall, curve=read_jsonl(curve_path),
                             environment=environment, num_cases=len(indices), world_size=processes.world_size,
-                            chat_template=chat_template)
+                            chat_template=chat_template, editor=editor)
         write_json(output_dir / SUMMARY_NAME, summary)
         return summary
 
@@ -1015,11 +1048,11 @@ def refresh_intervals(summary: dict) -> dict:
 
 def summarize(records: list[dict], settings: EvaluationSettings, wall_seconds: float | None = None,
               curve: list[dict] | None = None, environment: dict | None = None, num_cases: int | None = None,
-              world_size: int = 1, chat_template: dict | None = None) -> dict:
+              world_size: int = 1, chat_template: dict | None = None, editor: dict | None = None) -> dict:
     """The summary of a run's per-case records: means with 95% CIs per metric and protocol, skips, efficiency.
 
     `world_size` is the number of processes of this session; `chat_template` describes the chat template the prompts
-    were put into (`None`: none).
+    were put into (`None`: none); `editor` identifies the trained editor of a learned method (`None`: none).
     """
     protocols = tuple(settings.protocols)
     skip_reasons: dict[str, dict[str, int]] = {}
@@ -1041,6 +1074,7 @@ def summarize(records: list[dict], settings: EvaluationSettings, wall_seconds: f
         "protocols": list(protocols),
         "seed": settings.seed,
         "chat_template": chat_template,
+        EDITOR_KEY: editor,
         "world_size": world_size,
         "num_cases": num_cases if num_cases is not None else len(records),
         "num_completed": len(records),

@@ -16,7 +16,8 @@ import os
 from pathlib import Path
 
 from ..config import with_default_fields
-from .harness import NOT_COMPARED_CONFIG_FIELDS, SUMMARY_NAME, refresh_intervals, report_label
+from ..training import UNTRAINED
+from .harness import EDITOR_KEY, NOT_COMPARED_CONFIG_FIELDS, SUMMARY_NAME, refresh_intervals, report_label
 
 
 TABLE_METRICS = (("reliability", "Rel."), ("generalization", "Gen."), ("locality_unchanged", "Loc."),
@@ -187,8 +188,13 @@ def _variant(summary: dict) -> dict:
     settings = summary.get("settings") or {}
     # a field the config class gained after the run, at its default, tells no runs apart
     config = with_default_fields(summary.get("method"), summary.get("method_config") or {}, NOT_COMPARED_CONFIG_FIELDS)
-    return {**config, "editor_sees_probes": _editor_saw_probes(summary),
-            "chat_template": bool(settings.get("chat_template"))}
+    variant = {**config, "editor_sees_probes": _editor_saw_probes(summary),
+               "chat_template": bool(settings.get("chat_template"))}
+    if isinstance(config.get("editor"), str) and config["editor"] != UNTRAINED:
+        # one path (runs/mend-smollm2) may have held editors trained at different times: their weights tell them apart
+        identity = summary.get(EDITOR_KEY) or {}
+        variant["editor_weights"] = identity.get("sha256", "unrecorded")[:12]
+    return variant
 
 
 def _series_key(directory: Path, summary: dict) -> tuple:

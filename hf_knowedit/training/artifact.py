@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..artifacts import file_sha256
 from ..config import EditConfig
 from ..devices import input_device
 from ..errors import ArtifactError, BaseModelMismatchError, EditConfigError
@@ -166,16 +167,8 @@ class TrainedEditor:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        directory = resolve_artifact_dir(path_or_repo_id, **hub_kwargs)
-        final = directory / FINAL_SUBFOLDER
-        if not (directory / EDITOR_CONFIG_NAME).is_file() and (final / EDITOR_CONFIG_NAME).is_file():
-            directory = directory / FINAL_SUBFOLDER  # the output folder of a training run
+        directory = editor_directory(path_or_repo_id, **hub_kwargs)
         config_file, weights_file = directory / EDITOR_CONFIG_NAME, directory / EDITOR_WEIGHTS_NAME
-        if not config_file.is_file() or not weights_file.is_file():
-            raise ArtifactError(
-                f"{directory} is not a trained-editor directory: it needs {EDITOR_CONFIG_NAME} and "
-                f"{EDITOR_WEIGHTS_NAME}. Train one with `hf-knowedit train-editor --method ... --output DIR`."
-            )
         try:
             data = json.loads(config_file.read_text(encoding="utf-8"))
             tensors = load_file(str(weights_file))
@@ -204,6 +197,42 @@ class TrainedEditor:
                 folder, repo_id, private=private, token=token, revision=revision, create_pr=create_pr,
                 commit_message=commit_message or f"Upload {self.method} editor with hf-knowedit",
             )
+
+
+def editor_directory(path_or_repo_id: str | os.PathLike, **hub_kwargs) -> Path:
+    """The local directory of a trained editor: a saved editor, the output folder of a training run (its `editor/`
+    subfolder), or the snapshot of a Hub repo. Raises :class:`ArtifactError` when it holds no editor."""
+    directory = resolve_artifact_dir(path_or_repo_id, **hub_kwargs)
+    final = directory / FINAL_SUBFOLDER
+    if not (directory / EDITOR_CONFIG_NAME).is_file() and (final / EDITOR_CONFIG_NAME).is_file():
+        directory = final
+    if not (directory / EDITOR_CONFIG_NAME).is_file() or not (directory / EDITOR_WEIGHTS_NAME).is_file():
+        raise ArtifactError(
+            f"{directory} is not a trained-editor directory: it needs {EDITOR_CONFIG_NAME} and "
+            f"{EDITOR_WEIGHTS_NAME}. Train one with `hf-knowedit train-editor --method ... --output DIR`."
+        )
+    return directory
+
+
+def editor_identity(path_or_repo_id: str | os.PathLike, **hub_kwargs) -> dict:
+    """What tells one trained editor from another: the SHA-256 of its weights file and its training's steps and
+    status. Two editors trained in the same place, say `runs/mend-smollm2` before and after training it again, differ
+    here while the configs that name them do not; evaluation runs record it (see `hf_knowedit.evaluation`).
+
+    Example:
+
+    ```python
+    >>> editor_identity("runs/mend-smollm2")  # doctest: +SKIP
+    {'sha256': '9c0f...', 'status': 'completed', 'steps': 80}
+    ```
+    """
+    directory = editor_directory(path_or_repo_id, **hub_kwargs)
+    try:
+        training = json.loads((directory / EDITOR_CONFIG_NAME).read_text(encoding="utf-8")).get("training") or {}
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError, AttributeError) as error:
+        raise ArtifactError(f"The editor at {directory} is damaged ({error}); save or download it again.") from error
+    return {"sha256": file_sha256(directory / EDITOR_WEIGHTS_NAME), "steps": training.get("steps"),
+            "status": training.get("status")}
 
 
 def load_editor_for(config: EditConfig, model: nn.Module, tokenizer):
