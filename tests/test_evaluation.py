@@ -272,7 +272,7 @@ def test_resumes_a_run_made_before_its_method_config_gained_a_field(dataset, tmp
         _run(other, output)
 
 
-def test_a_run_records_its_trained_editor_and_refuses_one_trained_again(dataset, tmp_path, caplog):
+def test_a_run_records_its_trained_editor_and_refuses_one_trained_again(dataset, tmp_path):
     """A learned method's config names its editor by path; the run records the editor's weights, so that an editor
     trained again at that path is not mixed into a run begun with the other one, and reports tell the runs apart."""
     from hf_knowedit.training import EditorTrainingArguments, editor_identity, train_editor
@@ -306,13 +306,15 @@ def test_a_run_records_its_trained_editor_and_refuses_one_trained_again(dataset,
     assert len(_records(output)) == 2  # nothing of the refused run was written
     _run(settings(1), tmp_path / "again")  # a new run with the new editor
 
-    # a run made before runs recorded their editor goes on, with a warning
+    # a run made before runs recorded their editor: its edits' editor cannot be told, so it does not go on
     stored = json.loads((output / "settings.json").read_text())
     del stored["editor"]
     (output / "settings.json").write_text(json.dumps(stored))
-    with caplog.at_level("WARNING", logger="hf_knowedit"):
-        assert _run(settings(3), output)["editor"] == second
-    assert "does not record which trained editor it began with" in caplog.text
+    with pytest.raises(EvaluationSettingsError, match="not recorded there .* cannot be told"):
+        _run(settings(3), output)
+    (output / "results.jsonl").unlink()  # ... unless it had edited nothing yet
+    assert _run(settings(3), output)["editor"] == second
+    assert json.loads((output / "settings.json").read_text())["editor"] == second
 
     # the report tells the two runs apart by their editors' weights
     runs = [(output, json.loads((output / "summary.json").read_text())),

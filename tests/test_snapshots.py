@@ -127,6 +127,25 @@ def test_snapshots_are_written_while_edits_are_recomputed_and_a_damaged_one_is_i
     assert _post_scores(output) == _post_scores(tmp_path / "complete")
 
 
+def test_overwrite_deletes_the_snapshots_of_the_run_it_replaces(dataset, tmp_path, monkeypatch):  # noqa: F811
+    """A stopped stream's snapshot holds edits made with its settings: a run with other settings that overwrites it
+    edits from the untouched model, not from that snapshot."""
+    output = tmp_path / "stopped"
+    with monkeypatch.context() as patch:
+        counting_editor(patch, stop_at_subject="Danielle Darrieux")
+        with pytest.raises(StopRun):
+            _run(_settings(dataset, "sequential", 1, "final"), output, snapshot_every=2)
+    assert latest_snapshot(output, 10) == 2
+    other = _settings(dataset, "sequential", 1, "final")
+    other.config = {**other.config, "lr": 0.1}
+    with monkeypatch.context() as patch:
+        edited_subjects = counting_editor(patch)
+        overwritten = _run(other, output, overwrite=True, snapshot_every=2)
+    assert len(edited_subjects) == 5 and overwritten["num_completed"] == 5
+    _run(other, tmp_path / "fresh", snapshot_every=2)
+    assert _post_scores(output) == _post_scores(tmp_path / "fresh")
+
+
 def test_a_snapshot_that_does_not_match_the_run_is_not_loaded(tmp_path):
     edited = EditedModel(tiny_model("llama"), tiny_tokenizer())
     assert load_snapshot(tmp_path, 2, edited, "evaluation", FTEditor, [0, 1]) is None  # none there

@@ -6,7 +6,8 @@ A run writes into its output directory:
   the SHA-256 of the dataset file; for a learned method (MEND, KE, SERAC), `editor`: the SHA-256 of its trained
   editor's weights and its training steps (`hf_knowedit.training.editor_identity`), since the path a config names
   may hold an editor trained again since. A later run into the same directory must have the same settings and editor
-  (the same dataset file may be named by another path), and then resumes it; `overwrite=True` deletes it and starts
+  (the same dataset file may be named by another path; a run of a learned method that edited before runs recorded
+  their editor is refused, as its editor cannot be told), and then resumes it; `overwrite=True` deletes it and starts
   afresh.
 - `pre.jsonl`: one line per case, the untouched model's scores (and the raw locality outputs that "unchanged" compares
   with).
@@ -108,7 +109,7 @@ from ..scoring import BatchScorer
 from ..utils import get_logger, sha256_json, tqdm, write_json
 from ..version import __version__
 from .probes import METRICS, ChatTemplateError, apply_chat_template, score_cases
-from .snapshots import delete_snapshots, latest_snapshot, load_snapshot, save_snapshot
+from .snapshots import SNAPSHOTS_DIR, delete_snapshots, latest_snapshot, load_snapshot, save_snapshot
 
 
 logger = get_logger(__name__)
@@ -455,21 +456,29 @@ def _prepare_output(output_dir: Path, settings: EvaluationSettings, overwrite: b
             details.append(f"the trained editor {settings.config['editor']!r}: weights with SHA-256 "
                            f"{str(stored_editor.get('sha256'))[:12]}... ({stored_editor.get('steps')} steps) there, "
                            f"{editor['sha256'][:12]}... ({editor['steps']} steps) now; it was trained again")
+        elif editor and not recorded and _holds_edits(output_dir):
+            details.append(f"the trained editor {settings.config['editor']!r}: not recorded there (the run was made "
+                           f"before runs recorded their editor), weights with SHA-256 {editor['sha256'][:12]}... "
+                           f"({editor['steps']} steps) now; whether its edits were made by this editor cannot be told")
         if details and not overwrite:
             raise EvaluationSettingsError(
                 f"The output directory {str(output_dir)!r} holds a run with other settings ({'; '.join(details)}). "
                 "Use another directory, or overwrite=True (--overwrite) to delete that run."
             )
-        if editor and not recorded and not overwrite:
-            logger.warning("The run in %s does not record which trained editor it began with (it was made before runs "
-                           "recorded it); it goes on with the editor at %r, weights SHA-256 %s...", output_dir,
-                           settings.config["editor"], editor["sha256"][:12])
     if overwrite:
         for name in (SETTINGS_NAME, PRE_NAME, RESULTS_NAME, CURVE_NAME, SUMMARY_NAME):
             (output_dir / name).unlink(missing_ok=True)
         shutil.rmtree(output_dir / EDIT_WORK_NAME, ignore_errors=True)
+        delete_snapshots(output_dir)  # a stream of the other settings must not go on from them
     write_json(path, {**asdict(settings), "dataset_sha256": dataset_sha256, EDITOR_KEY: editor})
     return editor
+
+
+def _holds_edits(output_dir: Path) -> bool:
+    """Whether a run has edited anything yet: recorded cases, a batch's finished work or a stream's snapshot."""
+    results = output_dir / RESULTS_NAME
+    return ((results.is_file() and results.stat().st_size > 0) or (output_dir / EDIT_WORK_NAME).is_dir()
+            or (output_dir / SNAPSHOTS_DIR).is_dir())
 
 
 class _Absent:
