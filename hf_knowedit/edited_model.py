@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import functools
 import hashlib
 import inspect
 import json
@@ -22,7 +23,7 @@ from .config import CONFIG_NAME, EditConfig, get_editor_class
 from .deltas import EditComponent, WeightDelta, first_tensor, merge_weight_delta
 from .devices import input_device, is_offloaded, materialized_weight, named_state_tensors
 from .errors import ArtifactError, EditConfigError, EditNotFoundError, EditRequestError, OffloadedWeightsError
-from .fingerprint import check_fingerprint, model_fingerprint, tensor_bytes
+from .fingerprint import check_fingerprint, model_fingerprint, update_digest
 from .hub import resolve_artifact_dir
 from .precision import HALF_PRECISION, check_edit_effect, check_merge_effect, model_dtype, target_log_probs
 from .requests import EditRequest, as_requests
@@ -802,11 +803,7 @@ class EditedModel(nn.Module):
         it reads every tensor (0.8 s for the default model's 135M fp32 parameters on a CPU), those offloaded by
         accelerate included (one module at a time, through :func:`~hf_knowedit.devices.onloaded`)."""
         digest = hashlib.sha256()
-
-        def add_tensor(name: str, tensor: torch.Tensor) -> None:
-            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-            digest.update(tensor_bytes(tensor))
-
+        add_tensor = functools.partial(update_digest, digest)
         for name, tensor in named_state_tensors(self.base_model):  # offloaded modules read one at a time
             add_tensor(name, tensor)
         if self.tokenizer is not None:

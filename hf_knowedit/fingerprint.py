@@ -30,6 +30,26 @@ def tensor_bytes(tensor: torch.Tensor):
     return tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
 
 
+def update_digest(digest, name: str, tensor: torch.Tensor) -> None:
+    """Feed `tensor` to the `hashlib` object `digest` by content: its name, dtype, shape and exact bytes."""
+    digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+    digest.update(tensor_bytes(tensor))
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """A SHA-256 of named tensors by content, in name order: equal for equal tensors however they were stored (the
+    bytes of a safetensors file are not: its header's metadata is written in no fixed order).
+
+    >>> one, other = {"b": torch.ones(2), "a": torch.zeros(1)}, {"a": torch.zeros(1), "b": torch.ones(2)}
+    >>> tensors_sha256(one) == tensors_sha256(other)
+    True
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        update_digest(digest, name, tensors[name])
+    return digest.hexdigest()
+
+
 def tensor_digest(tensor: torch.Tensor) -> dict:
     """Shape, dtype, SHA-256 of the bytes, fp32 norm and 64 sampled values of `tensor`."""
     tensor = tensor.detach()

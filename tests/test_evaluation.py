@@ -297,6 +297,7 @@ def test_a_run_records_its_trained_editor_and_refuses_one_trained_again(dataset,
     summary = _run(settings(1), output)
     assert summary["editor"] == first
     assert json.loads((output / "settings.json").read_text())["editor"] == first
+    assert train(1) == first  # trained again for the same steps: the same weights (the file's bytes differ)
     assert _run(settings(2), output)["num_completed"] == 2  # the same editor: resumed
     second = train(2)
     assert second["sha256"] != first["sha256"]

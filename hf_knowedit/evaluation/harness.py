@@ -3,12 +3,12 @@
 A run writes into its output directory:
 
 - `settings.json`: what was run (method and config, model, dataset, selection, mode, schedule, protocols, seed), and
-  the SHA-256 of the dataset file; for a learned method (MEND, KE, SERAC), `editor`: the SHA-256 of its trained
-  editor's weights and its training steps (`hf_knowedit.training.editor_identity`), since the path a config names
-  may hold an editor trained again since. A later run into the same directory must have the same settings and editor
-  (the same dataset file may be named by another path; a run of a learned method that edited before runs recorded
-  their editor is refused, as its editor cannot be told), and then resumes it; `overwrite=True` deletes it and starts
-  afresh.
+  the SHA-256 of the dataset file; for a learned method (MEND, KE, SERAC), `editor`: a SHA-256 of its trained
+  editor's weights (by content) and its training steps (`hf_knowedit.training.editor_identity`), since the path a
+  config names may hold an editor trained again since. A later run into the same directory must have the same
+  settings and editor (the same dataset file may be named by another path; a run of a learned method that edited
+  before runs recorded their editor is refused, as its editor cannot be told), and then resumes it;
+  `overwrite=True` deletes it and starts afresh.
 - `pre.jsonl`: one line per case, the untouched model's scores (and the raw locality outputs that "unchanged" compares
   with).
 - `results.jsonl`: one line per case: pre and post scores, skipped metrics with reasons, the fluency generations (when

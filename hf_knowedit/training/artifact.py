@@ -14,11 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..artifacts import file_sha256
 from ..config import EditConfig
 from ..devices import input_device
 from ..errors import ArtifactError, BaseModelMismatchError, EditConfigError
-from ..fingerprint import check_fingerprint, model_fingerprint
+from ..fingerprint import check_fingerprint, model_fingerprint, tensors_sha256
 from ..hub import atomic_directory, push_folder_to_hub, resolve_artifact_dir
 from ..utils import dump_json, get_logger, write_json
 from ..version import __version__
@@ -215,9 +214,11 @@ def editor_directory(path_or_repo_id: str | os.PathLike, **hub_kwargs) -> Path:
 
 
 def editor_identity(path_or_repo_id: str | os.PathLike, **hub_kwargs) -> dict:
-    """What tells one trained editor from another: the SHA-256 of its weights file and its training's steps and
-    status. Two editors trained in the same place, say `runs/mend-smollm2` before and after training it again, differ
-    here while the configs that name them do not; evaluation runs record it (see `hf_knowedit.evaluation`).
+    """What tells one trained editor from another: a SHA-256 of its weights by content
+    (:func:`~hf_knowedit.fingerprint.tensors_sha256`: equal for the same tensors, as training the same steps again
+    gives, though the file's bytes differ) and its training's steps and status. Two editors trained in the same place,
+    say `runs/mend-smollm2` before and after training it again, differ here while the configs that name them do not;
+    evaluation runs record it (see `hf_knowedit.evaluation`).
 
     Example:
 
@@ -226,13 +227,16 @@ def editor_identity(path_or_repo_id: str | os.PathLike, **hub_kwargs) -> dict:
     {'sha256': '9c0f...', 'status': 'completed', 'steps': 80}
     ```
     """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     directory = editor_directory(path_or_repo_id, **hub_kwargs)
     try:
         training = json.loads((directory / EDITOR_CONFIG_NAME).read_text(encoding="utf-8")).get("training") or {}
-    except (json.JSONDecodeError, OSError, UnicodeDecodeError, AttributeError) as error:
+        weights = load_file(str(directory / EDITOR_WEIGHTS_NAME))
+    except (json.JSONDecodeError, SafetensorError, OSError, UnicodeDecodeError, AttributeError) as error:
         raise ArtifactError(f"The editor at {directory} is damaged ({error}); save or download it again.") from error
-    return {"sha256": file_sha256(directory / EDITOR_WEIGHTS_NAME), "steps": training.get("steps"),
-            "status": training.get("status")}
+    return {"sha256": tensors_sha256(weights), "steps": training.get("steps"), "status": training.get("status")}
 
 
 def load_editor_for(config: EditConfig, model: nn.Module, tokenizer):
