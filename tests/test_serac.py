@@ -21,7 +21,14 @@ from hf_knowedit import (
 from hf_knowedit.artifacts import file_sha256
 from hf_knowedit.methods.serac import SERACConfig, SERACMemory
 from hf_knowedit.scoring import BatchScorer
-from hf_knowedit.training import EditorTrainingArguments, TrainedEditor, load_editor_for, train_editor
+from hf_knowedit.training import (
+    EditorTrainingArguments,
+    TrainedEditor,
+    editor_directory,
+    editor_identity,
+    load_editor_for,
+    train_editor,
+)
 
 from .helpers import TOKENIZER
 from .test_side_memory import logits
@@ -260,7 +267,7 @@ def test_trained_classifier_edits_and_is_stored_in_the_edit(trained_editor, tmp_
         edited("gpt2", HELD_OUT, config=SERACConfig(editor=str(trained_editor), layers=[0]))
 
 
-def test_train_editor_command_line(tmp_path):
+def test_train_editor_command_line(tmp_path, capsys):
     from hf_knowedit.cli import main  # `hf-knowedit`
 
     model_dir = tmp_path / "tiny-gpt2"
@@ -275,6 +282,7 @@ def test_train_editor_command_line(tmp_path):
     code = main(["train-editor", "--method", "serac", "--model", str(model_dir), "--dataset", str(dataset),
                  "--output", str(output), "--max-steps", "3", "--set", "batch_size=4"])
     assert code == 0 and (output / "editor" / "editor_weights.safetensors").is_file()
+    assert f"Editor weights SHA-256 {editor_identity(output)['sha256']} (by content" in capsys.readouterr().out
     base, tokenizer = load_model_and_tokenizer(str(model_dir))
     edit = EditedModel(base, tokenizer).add_edits(SERACConfig(editor=str(output)), [REQUEST])
     assert memory(edit).route(edit, [REQUEST.filled_prompt])[0] is not None
@@ -291,6 +299,8 @@ def test_ready_configs_load(path):
     assert {k: v for k, v in config.to_dict().items() if k in data} == data
     editor = data.get("editor")
     if editor and editor != "untrained":  # a trained editor is only needed to use the config, not to load it
-        if not any((ROOT / editor / sub / "editor_config.json").is_file() for sub in (".", "editor")):
+        try:  # a checkout has the editor's config and training log (in git), its weights only once trained here
+            editor_directory(ROOT / editor)
+        except ArtifactError:
             pytest.skip(f"{editor} is not trained here; the config loads, but cannot be used")
         assert TrainedEditor.from_pretrained(ROOT / editor).method == data["edit_type"]

@@ -28,7 +28,7 @@ Shared pieces for gradient-based editors (MEND, KE) are in :mod:`hf_knowedit.tra
 >>> from hf_knowedit.training import train_editor, TrainedEditor, register_trainable_editor
 """
 
-from .artifact import UNTRAINED, TrainedEditor, editor_identity, load_editor_for
+from .artifact import UNTRAINED, TrainedEditor, editor_directory, editor_identity, load_editor_for
 from .spec import TRAINABLE_EDITORS, TrainableEditorSpec, get_trainable_editor, register_trainable_editor
 from .trainer import EditorTrainingArguments, TrainingResult, latest_checkpoint, train_editor
 
@@ -40,6 +40,7 @@ __all__ = [
     "TrainableEditorSpec",
     "TrainedEditor",
     "TrainingResult",
+    "editor_directory",
     "editor_identity",
     "get_trainable_editor",
     "latest_checkpoint",

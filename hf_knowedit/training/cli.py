@@ -71,6 +71,7 @@ def split_overrides(method: str, overrides: list[str]):
 def run_train_editor(args) -> int:
     from ..cli import _load_model
     from ..data import load_edit_dataset
+    from .artifact import editor_identity
     from .trainer import train_editor
 
     config, arguments = split_overrides(args.method, args.overrides)
@@ -88,6 +89,9 @@ def run_train_editor(args) -> int:
         print(f"error: {result.message}", file=sys.stderr)
         return 1
     print(f"  {result.message}")
+    if result.editor_dir is not None:
+        print(f"  Editor weights SHA-256 {editor_identity(result.editor_dir)['sha256']} (by content; the evaluation "
+              "runs that use it record it)")
     return 0
 
 
