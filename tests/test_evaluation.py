@@ -323,6 +323,7 @@ def test_a_run_records_its_trained_editor_and_refuses_one_trained_again(dataset,
     runs[0][1]["editor"] = first
     assert config_variant_names(runs) == [f"MEND (editor_weights={first['sha256'][:12]})",
                                           f"MEND (editor_weights={second['sha256'][:12]})"]
+    assert f"trained editor {second['sha256'][:12]} (2 steps)" in markdown_tables(runs[1:])
     del runs[0][1]["editor"]  # a summary written before runs recorded their editor
     assert config_variant_names(runs)[0] == "MEND (editor_weights=unrecorded)"
 

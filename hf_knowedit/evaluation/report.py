@@ -169,6 +169,8 @@ def _describe(summary: dict) -> str:
            f"{summary['num_completed']}/{summary['num_cases']} cases"
     if _editor_saw_probes(summary):
         text += ", the editor saw the probes"
+    if editor := summary.get(EDITOR_KEY):
+        text += f", trained editor {editor['sha256'][:12]} ({editor.get('steps')} steps)"
     if "shown_at_checkpoint" in summary:
         text += f", interrupted: scores of the checkpoint after {summary['shown_at_checkpoint']} edits"
     return text + ("" if summary.get("complete", True) else ", incomplete")
