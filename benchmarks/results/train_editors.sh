@@ -6,7 +6,7 @@
 # Usage: [METHODS="mend ke serac"] [STEPS=N (all methods)] [WAIT=pid] benchmarks/results/train_editors.sh
 source "$(dirname "$0")/common.sh"
 while [ -n "$WAIT" ] && kill -0 $WAIT 2>/dev/null; do sleep 5; done
-declare -A DEFAULT_STEPS=([mend]=80 [ke]=70 [serac]=75)
+declare -A DEFAULT_STEPS=([mend]=100 [ke]=70 [serac]=75)
 for method in ${METHODS:-mend ke serac}; do
   steps=${STEPS:-${DEFAULT_STEPS[$method]}}
   echo "$(date) start training $method ($steps steps)"
