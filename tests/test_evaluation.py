@@ -328,6 +328,32 @@ def test_a_run_records_its_trained_editor_and_refuses_one_trained_again(dataset,
     assert config_variant_names(runs)[0] == "MEND (editor_weights=unrecorded)"
 
 
+def test_a_run_refuses_a_changed_file_its_config_names(dataset, tmp_path):
+    """IKE's demonstrations (a config field `*_file`) changed under the same path: the run does not go on with
+    them; the same file under another path does."""
+    demonstrations = tmp_path / "demonstrations.json"
+    demonstrations.write_text(json.dumps(CASES))
+
+    def settings(path, n):
+        return EvaluationSettings(method="ike", config={"demonstrations_file": str(path), "num_demonstrations": 2},
+                                  model="tiny-llama", dataset=dataset, n=n, fluency_tokens=0,
+                                  protocols=["token_accuracy"])
+
+    output = tmp_path / "run"
+    _run(settings(demonstrations, 1), output)
+    digest = hashlib.sha256(demonstrations.read_bytes()).hexdigest()
+    assert json.loads((output / "settings.json").read_text())["config_files_sha256"] == {
+        "demonstrations_file": digest}
+    moved = tmp_path / "moved.json"
+    shutil.copy(demonstrations, moved)
+    assert _run(settings(moved, 2), output)["num_completed"] == 2
+    moved.write_text(json.dumps(CASES[:4]))
+    with pytest.raises(EvaluationSettingsError, match=f"config.demonstrations_file: the file .*moved.json' changed "
+                                                      f"\\(SHA-256 {digest[:12]}... there"):
+        _run(settings(moved, 3), output)
+    assert len(_records(output)) == 2
+
+
 def test_resumes_when_the_same_dataset_is_named_by_another_path(dataset, tmp_path, monkeypatch):
     output = tmp_path / "run"
     _run(_settings(dataset, n=2), output)

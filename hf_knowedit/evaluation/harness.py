@@ -2,13 +2,13 @@
 
 A run writes into its output directory:
 
-- `settings.json`: what was run (method and config, model, dataset, selection, mode, schedule, protocols, seed), and
-  the SHA-256 of the dataset file; for a learned method (MEND, KE, SERAC), `editor`: a SHA-256 of its trained
-  editor's weights (by content) and its training steps (`hf_knowedit.training.editor_identity`), since the path a
-  config names may hold an editor trained again since. A later run into the same directory must have the same
-  settings and editor (the same dataset file may be named by another path; a run of a learned method that edited
-  before runs recorded their editor is refused, as its editor cannot be told), and then resumes it;
-  `overwrite=True` deletes it and starts afresh.
+- `settings.json`: what was run (method and config, model, dataset, selection, mode, schedule, protocols, seed), the
+  SHA-256 of the dataset file and of each file a config field `*_file` names (IKE's demonstrations, T-Patcher's
+  memory), and for a learned method (MEND, KE, SERAC) `editor`: a SHA-256 of its trained editor's weights (by
+  content) and its training steps (`hf_knowedit.training.editor_identity`), since the path a config names may hold
+  an editor trained again since. A later run into the same directory must have the same settings, files and editor
+  (a file may be named by another path; a run of a learned method that edited before runs recorded their editor is
+  refused, as its editor cannot be told), and then resumes it; `overwrite=True` deletes it and starts afresh.
 - `pre.jsonl`: one line per case, the untouched model's scores (and the raw locality outputs that "unchanged" compares
   with).
 - `results.jsonl`: one line per case: pre and post scores, skipped metrics with reasons, the fluency generations (when
@@ -124,6 +124,7 @@ EDIT_WORK_NAME = "edit_work"  # the finished per-request work of batch edits not
 EDIT_WORK_SCORES = "scores.jsonl"  # in a chunk's edit work: the records of its parts scored so far
 EDIT_NAME = "evaluation"
 EDITOR_KEY = "editor"  # in settings.json and summary.json: the identity of a learned method's trained editor
+CONFIG_FILES_KEY = "config_files_sha256"  # in settings.json: the SHA-256 of each file a config field `*_file` names
 # a method config's fields that a run's settings leave out: the method is its own setting, the model another
 NOT_COMPARED_CONFIG_FIELDS = ("edit_type", "base_model_name_or_path", "revision")
 NORMAL_CLIPPED = "normal, clipped to [0, 1]"
@@ -432,10 +433,13 @@ def _prepare_output(output_dir: Path, settings: EvaluationSettings, overwrite: b
     path = output_dir / SETTINGS_NAME
     dataset_sha256 = _file_sha256(settings.dataset)
     editor = _editor_identity(settings.config)
+    config_files = {name: _file_sha256(value) for name, value in settings.config.items()
+                    if name.endswith("_file") and isinstance(value, str)}
     if path.is_file():
         stored = json.loads(path.read_text(encoding="utf-8"))
         stored.pop("hf_knowedit_version", None)
         stored_sha256 = stored.pop("dataset_sha256", None)
+        stored_files = stored.pop(CONFIG_FILES_KEY, None) or {}
         recorded = EDITOR_KEY in stored  # runs made before runs recorded their editor lack the key
         stored_editor = stored.pop(EDITOR_KEY, None)
         stored.setdefault("editor_sees_probes", True)  # runs made before the setting gave the editor every probe
@@ -448,10 +452,20 @@ def _prepare_output(output_dir: Path, settings: EvaluationSettings, overwrite: b
         if (previous.get("dataset") != current["dataset"] and dataset_sha256 is not None
                 and (stored_sha256 or _file_sha256(previous.get("dataset", ""))) == dataset_sha256):
             previous["dataset"] = current["dataset"]  # the same file, named by another path (relative, moved)
+        previous_config = previous.get("config") if isinstance(previous.get("config"), dict) else {}
+        changed_files = []
+        for name, digest in config_files.items():
+            if digest is None or stored_files.get(name) is None:
+                continue
+            if previous_config.get(name) != current["config"].get(name) and stored_files[name] == digest:
+                previous_config[name] = current["config"][name]  # the same file, named by another path
+            elif previous_config.get(name) == current["config"].get(name) and stored_files[name] != digest:
+                changed_files.append(f"config.{name}: the file {current['config'][name]!r} changed (SHA-256 "
+                                     f"{stored_files[name][:12]}... there, {digest[:12]}... now)")
         differing = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
         shown = asdict(settings)  # a setting compared in one mode only (`n`) shows its value in both
         pairs = {k: (previous.get(k, stored.get(k)), current.get(k, shown.get(k))) for k in differing}
-        details = [_differences(k, there, now) for k, (there, now) in pairs.items() if there != now]
+        details = [_differences(k, there, now) for k, (there, now) in pairs.items() if there != now] + changed_files
         if stored_editor and editor and stored_editor.get("sha256") != editor["sha256"]:
             details.append(f"the trained editor {settings.config['editor']!r}: weights with SHA-256 "
                            f"{str(stored_editor.get('sha256'))[:12]}... ({stored_editor.get('steps')} steps) there, "
@@ -470,7 +484,8 @@ def _prepare_output(output_dir: Path, settings: EvaluationSettings, overwrite: b
             (output_dir / name).unlink(missing_ok=True)
         shutil.rmtree(output_dir / EDIT_WORK_NAME, ignore_errors=True)
         delete_snapshots(output_dir)  # a stream of the other settings must not go on from them
-    write_json(path, {**asdict(settings), "dataset_sha256": dataset_sha256, EDITOR_KEY: editor})
+    write_json(path, {**asdict(settings), "dataset_sha256": dataset_sha256, CONFIG_FILES_KEY: config_files,
+                      EDITOR_KEY: editor})
     return editor
 
 
