@@ -54,6 +54,8 @@ GOAL = 0.25  # the issue's goal: the estimate within 25% of the measured peak
 def ready_config(method: str, args):
     """The method's ready config, with trained editors that are not on disk replaced by the untrained network."""
     from hf_knowedit.config import build_config
+    from hf_knowedit.errors import ArtifactError
+    from hf_knowedit.training import editor_directory
 
     folder = ROOT / "editing_configs" / method
     path = next((folder / name for name in ("llama.json", "default.json") if (folder / name).is_file()), None)
@@ -61,10 +63,15 @@ def ready_config(method: str, args):
     chosen = {"mend": args.mend_editor, "ke": args.ke_editor, "serac": args.serac_editor}.get(method)
     if hasattr(config, "editor"):
         editor = chosen or config.editor
-        if editor != "untrained" and not (ROOT / editor).exists() and not Path(editor).exists():
-            print(f"  {method}: editor {editor!r} not found; using editor='untrained' (same shapes, same memory)")
-            editor = "untrained"
-        config.editor = str(ROOT / editor) if (ROOT / editor).exists() else editor
+        if editor != "untrained":
+            editor = str(ROOT / editor) if (ROOT / editor).exists() else editor
+            try:  # a checkout holds an editor's config and training log (in git), its weights once trained here
+                editor_directory(editor)
+            except ArtifactError:
+                print(f"  {method}: editor {editor!r} not trained here; using editor='untrained' (same shapes, same "
+                      "memory)")
+                editor = "untrained"
+        config.editor = editor
     return config, path
 
 
