@@ -223,8 +223,17 @@ def editor_identity(path_or_repo_id: str | os.PathLike, **hub_kwargs) -> dict:
     Example:
 
     ```python
-    >>> editor_identity("runs/mend-smollm2")  # doctest: +SKIP
-    {'sha256': '9c0f...', 'status': 'completed', 'steps': 80}
+    >>> import tempfile
+    >>> from hf_knowedit import EditRequest
+    >>> from hf_knowedit.training import EditorTrainingArguments, train_editor
+    >>> from tests.tiny_models import tiny_model, tiny_tokenizer
+    >>> requests = [EditRequest(prompt="{} plays the", subject=name, target_new="violin") for name in "ABC"]
+    >>> result = train_editor("mend", tiny_model("gpt2"), tiny_tokenizer(), requests, tempfile.mkdtemp(),
+    ...                       args=EditorTrainingArguments(batch_size=2, validation_size=1), max_steps=1)
+    >>> identity = editor_identity(result.editor_dir)
+    >>> identity["steps"], identity["status"], len(identity["sha256"])
+    (1, 'completed', 64)
+
     ```
     """
     from safetensors import SafetensorError
