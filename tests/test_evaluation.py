@@ -354,7 +354,7 @@ def test_a_run_refuses_a_changed_file_its_config_names(dataset, tmp_path):
     assert len(_records(output)) == 2
 
 
-def test_resumes_when_the_same_dataset_is_named_by_another_path(dataset, tmp_path, monkeypatch):
+def test_resumes_when_the_same_dataset_is_named_by_another_path_not_when_it_changed(dataset, tmp_path, monkeypatch):
     output = tmp_path / "run"
     _run(_settings(dataset, n=2), output)
     monkeypatch.chdir(Path(dataset).parent)
@@ -364,6 +364,13 @@ def test_resumes_when_the_same_dataset_is_named_by_another_path(dataset, tmp_pat
     changed.write_text(Path(dataset).read_text().replace("Rome", "Milan"))
     with pytest.raises(EvaluationSettingsError, match="other settings.*dataset"):
         _run(_settings(str(changed), n=3), output)
+    # a file changed under the path the run was made with
+    copy = tmp_path / "copy.jsonl"
+    shutil.copy(dataset, copy)
+    _run(_settings(str(copy), n=2), tmp_path / "copied")
+    copy.write_text(changed.read_text())
+    with pytest.raises(EvaluationSettingsError, match="dataset: the file .*copy.jsonl' changed \\(SHA-256"):
+        _run(_settings(str(copy), n=3), tmp_path / "copied")
 
 
 def test_bad_inputs(dataset, tmp_path):

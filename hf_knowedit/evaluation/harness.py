@@ -449,23 +449,15 @@ def _prepare_output(output_dir: Path, settings: EvaluationSettings, overwrite: b
         except (TypeError, EvaluationSettingsError):
             previous = stored
         current = settings.comparable()
-        if (previous.get("dataset") != current["dataset"] and dataset_sha256 is not None
-                and (stored_sha256 or _file_sha256(previous.get("dataset", ""))) == dataset_sha256):
-            previous["dataset"] = current["dataset"]  # the same file, named by another path (relative, moved)
+        changed_files = [_reconcile_file("dataset", previous, current, "dataset", stored_sha256, dataset_sha256)]
         previous_config = previous.get("config") if isinstance(previous.get("config"), dict) else {}
-        changed_files = []
-        for name, digest in config_files.items():
-            if digest is None or stored_files.get(name) is None:
-                continue
-            if previous_config.get(name) != current["config"].get(name) and stored_files[name] == digest:
-                previous_config[name] = current["config"][name]  # the same file, named by another path
-            elif previous_config.get(name) == current["config"].get(name) and stored_files[name] != digest:
-                changed_files.append(f"config.{name}: the file {current['config'][name]!r} changed (SHA-256 "
-                                     f"{stored_files[name][:12]}... there, {digest[:12]}... now)")
+        changed_files += [_reconcile_file(f"config.{name}", previous_config, current["config"], name,
+                                          stored_files.get(name), digest) for name, digest in config_files.items()]
         differing = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
         shown = asdict(settings)  # a setting compared in one mode only (`n`) shows its value in both
         pairs = {k: (previous.get(k, stored.get(k)), current.get(k, shown.get(k))) for k in differing}
-        details = [_differences(k, there, now) for k, (there, now) in pairs.items() if there != now] + changed_files
+        details = [_differences(k, there, now) for k, (there, now) in pairs.items() if there != now]
+        details += [change for change in changed_files if change]
         if stored_editor and editor and stored_editor.get("sha256") != editor["sha256"]:
             details.append(f"the trained editor {settings.config['editor']!r}: weights with SHA-256 "
                            f"{str(stored_editor.get('sha256'))[:12]}... ({stored_editor.get('steps')} steps) there, "
@@ -487,6 +479,22 @@ def _prepare_output(output_dir: Path, settings: EvaluationSettings, overwrite: b
     write_json(path, {**asdict(settings), "dataset_sha256": dataset_sha256, CONFIG_FILES_KEY: config_files,
                       EDITOR_KEY: editor})
     return editor
+
+
+def _reconcile_file(label: str, there: dict, now: dict, key: str, stored_sha256: str | None,
+                    sha256: str | None) -> str | None:
+    """Compare the file setting `key` of a stored run (`there`) and of this one (`now`) by content: the same file
+    named by another path (relative, moved) counts as the same (`there[key]` takes this run's path), and a file that
+    changed under the same path is a difference, returned as text."""
+    if sha256 is None:
+        return None
+    if there.get(key) != now.get(key):
+        if (stored_sha256 or _file_sha256(there.get(key) or "")) == sha256:
+            there[key] = now[key]
+        return None
+    if stored_sha256 is not None and stored_sha256 != sha256:
+        return f"{label}: the file {now[key]!r} changed (SHA-256 {stored_sha256[:12]}... there, {sha256[:12]}... now)"
+    return None
 
 
 def _holds_edits(output_dir: Path) -> bool:

@@ -236,16 +236,10 @@ def editor_identity(path_or_repo_id: str | os.PathLike, **hub_kwargs) -> dict:
 
     ```
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    directory = editor_directory(path_or_repo_id, **hub_kwargs)
-    try:
-        training = json.loads((directory / EDITOR_CONFIG_NAME).read_text(encoding="utf-8")).get("training") or {}
-        weights = load_file(str(directory / EDITOR_WEIGHTS_NAME))
-    except (json.JSONDecodeError, SafetensorError, OSError, UnicodeDecodeError, AttributeError) as error:
-        raise ArtifactError(f"The editor at {directory} is damaged ({error}); save or download it again.") from error
-    return {"sha256": tensors_sha256(weights), "steps": training.get("steps"), "status": training.get("status")}
+    editor = TrainedEditor.from_pretrained(path_or_repo_id, **hub_kwargs)
+    training = editor.metadata.get("training") or {}
+    return {"sha256": tensors_sha256(editor.state_dict), "steps": training.get("steps"),
+            "status": training.get("status")}
 
 
 def load_editor_for(config: EditConfig, model: nn.Module, tokenizer):
