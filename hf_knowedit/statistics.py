@@ -25,11 +25,12 @@ tokenizer's EOS token, into one stream that is cut into sequences of `max_length
 the BOS token when the tokenizer adds one to every text). The stream is cut off after exactly `num_tokens` tokens, so
 `count == num_tokens` unless the corpus is shorter. Every non-padding position of every sequence is one key.
 
-How a corpus is fingerprinted (the disk cache key): files by SHA-256 over their relative names, sizes and
-modification times (not their content, so a corpus of gigabytes costs nothing to fingerprint; touching a file
-invalidates the cache); datasets by their `datasets` fingerprint and the text column; other iterables by SHA-256 over
-their first 1,000 strings and their length when they have one (so two iterables that agree on their first 1,000
-strings and length share a cache entry: pass `use_cache=False` for such data).
+How a corpus is fingerprinted (the disk cache key): files by SHA-256 over their relative names and contents (so a
+copy of the corpus elsewhere, or a fresh checkout of it, shares the cache, and a file changed in place does not; each
+file is read once per process, a few seconds per GB, and its digest kept by path, size and modification time); datasets
+by their `datasets` fingerprint and the text column; other iterables by SHA-256 over their first 1,000 strings and
+their length when they have one (so two iterables that agree on their first 1,000 strings and length share a cache
+entry: pass `use_cache=False` for such data).
 """
 
 from __future__ import annotations
@@ -183,6 +184,20 @@ class _Corpus:
         return {**self.description, "fingerprint": self.fingerprint}
 
 
+_CONTENT_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime_ns, inode) -> SHA-256 of the file's bytes
+
+
+def _content_sha256(file: Path) -> str:
+    """The SHA-256 of a corpus file's bytes, read once per process while its size and modification time stay."""
+    from .artifacts import file_sha256
+
+    stat = file.stat()
+    key = (str(file), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if key not in _CONTENT_DIGESTS:
+        _CONTENT_DIGESTS[key] = file_sha256(file)
+    return _CONTENT_DIGESTS[key]
+
+
 def _files_corpus(path: Path, source: str) -> _Corpus:
     path = path.expanduser().resolve()
     if path.is_file():
@@ -206,11 +221,8 @@ def _files_corpus(path: Path, source: str) -> _Corpus:
         raise CorpusNotFoundError(
             f"The corpus {path} ({source}) does not exist. Give an existing text file or folder of text files."
         )
-    entries = []
-    for file in files:
-        stat = file.stat()
-        entries.append([file.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns])
-    fingerprint = sha256_json({"kind": "files", "files": entries, "packing": _PACKING_VERSION})
+    entries = [[file.relative_to(root).as_posix(), file.stat().st_size, _content_sha256(file)] for file in files]
+    fingerprint = sha256_json({"kind": "files-content", "files": entries, "packing": _PACKING_VERSION})
 
     def read() -> Iterator[str]:
         for file in files:
@@ -389,6 +401,33 @@ def resolve_corpus(corpus=None, text_column: str = "text") -> _Corpus:
     raise StatisticsError(
         f"corpus= must be a path, a `datasets` dataset or an iterable of strings, got {type(corpus).__name__}."
     )
+
+
+def corpus_identity(corpus: str | os.PathLike | None = None) -> dict:
+    """What a run records of the corpus its statistics come from, without reading the corpus for keys: for a text
+    file or folder (`corpus`, else `$HF_KNOWEDIT_STATS_CORPUS`), its description and content fingerprint (see the
+    module doc); for the default WikiText-103 through `datasets`, its name only (`datasets` is not loaded).
+
+    Raises [`CorpusNotFoundError`] when the path given does not exist or holds no text file.
+
+    Example:
+
+    ```python
+    >>> import tempfile, pathlib
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = (folder / "a.txt").write_text("One text.\\n\\nAnother text.\\n")
+    >>> identity = corpus_identity(folder)
+    >>> identity["kind"], identity["files"], len(identity["fingerprint"])
+    ('files', ['a.txt'], 64)
+
+    ```
+    """
+    if corpus is not None:
+        return resolve_corpus(corpus).to_json()
+    path = os.environ.get(CORPUS_ENV, "").strip()
+    if path:
+        return _files_corpus(Path(path), f"env:{CORPUS_ENV}").to_json()
+    return {"kind": "datasets", "source": "default:wikitext-103-raw-v1", "fingerprint": None}
 
 
 # ---------------------------------------------------------------------------------------------------- packing
@@ -1106,6 +1145,7 @@ __all__ = [
     "SingularStatisticsError",
     "StatisticsError",
     "clear_statistics_cache",
+    "corpus_identity",
     "detokenize_wikitext",
     "get_layer_statistics",
     "pack_sequences",

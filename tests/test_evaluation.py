@@ -557,6 +557,56 @@ def test_chat_template_is_applied_to_every_prompt_and_to_the_edit(dataset, tmp_p
     assert args.chat_template
 
 
+def test_a_run_records_the_corpus_of_its_statistics(dataset, tmp_path, monkeypatch):
+    """ROME's edits depend on the corpus of its second-moment statistics, which a config names by path (or leaves to
+    $HF_KNOWEDIT_STATS_CORPUS): the run records the corpus by content, resumes with the same texts elsewhere, and
+    refuses other texts."""
+    from hf_knowedit.statistics import CORPUS_ENV, corpus_identity
+
+    monkeypatch.setenv("HF_KNOWEDIT_STATS_CACHE", str(tmp_path / "stats"))
+    words = ["river", "stone", "city", "music", "light", "winter", "garden", "paper", "engine", "forest"]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("\n\n".join(f"The {words[i % 10]} of the {words[i * 7 % 10]} is {words[i * 3 % 10]}."
+                                              for i in range(400)), encoding="utf-8")
+    copy = tmp_path / "copy"
+    shutil.copytree(corpus, copy)
+
+    def settings(n, stats_corpus=None):
+        config = {"stats_corpus": stats_corpus and str(stats_corpus), "mom2_num_tokens": 1024, "v_num_grad_steps": 2,
+                  "num_context_prefixes": 1, "context_prefix_length": 2}
+        return EvaluationSettings(method="rome", config=config, model="tiny-llama", dataset=dataset, n=n,
+                                  fluency_tokens=0, protocols=["token_accuracy"])
+
+    output = tmp_path / "run"
+    _run(settings(1, corpus), output)
+    recorded = json.loads((output / "settings.json").read_text())["statistics_corpus"]
+    assert recorded["files"] == ["a.txt"] and recorded["path"] == str(corpus.resolve())
+    assert recorded["fingerprint"] == corpus_identity(copy)["fingerprint"]  # by content, not by path or time
+    assert _run(settings(2, copy), output)["num_completed"] == 2  # the same texts elsewhere: resumed
+    (copy / "a.txt").write_text("Other texts entirely.\n\n" * 300, encoding="utf-8")
+    with pytest.raises(EvaluationSettingsError, match=f"statistics corpus: .*{recorded['fingerprint'][:12]}.* there"):
+        _run(settings(3, copy), output)
+    assert len(_records(output)) == 2
+    # the corpus named by the environment (the config leaves it to the default) is recorded the same way
+    monkeypatch.setenv(CORPUS_ENV, str(corpus))
+    _run(settings(1), tmp_path / "env")
+    assert json.loads((tmp_path / "env" / "settings.json").read_text())["statistics_corpus"]["fingerprint"] == (
+        recorded["fingerprint"])
+    monkeypatch.setenv(CORPUS_ENV, str(copy))
+    with pytest.raises(EvaluationSettingsError, match="statistics corpus"):
+        _run(settings(2), tmp_path / "env")
+    # a run made before runs recorded their corpus goes on (its earlier edits' corpus cannot be checked)
+    monkeypatch.setenv(CORPUS_ENV, str(corpus))
+    stored = json.loads((tmp_path / "env" / "settings.json").read_text())
+    del stored["statistics_corpus"]
+    (tmp_path / "env" / "settings.json").write_text(json.dumps(stored))
+    assert _run(settings(2), tmp_path / "env")["num_completed"] == 2
+    # methods without statistics record none
+    _run(_settings(dataset, n=1), tmp_path / "ft")
+    assert json.loads((tmp_path / "ft" / "settings.json").read_text())["statistics_corpus"] is None
+
+
 @pytest.mark.parametrize("mode", ["single", "sequential"])
 def test_the_editor_does_not_see_the_probes_it_is_scored_on(dataset, tmp_path, monkeypatch, mode):
     seen = []

@@ -1,6 +1,7 @@
 """Second-moment statistics: exact values, corpora, caching, sharing, model checks, AlphaEdit's projector, processes."""
 
 import logging
+import os
 import random
 import sys
 import textwrap
@@ -194,6 +195,30 @@ def test_corpus_text_file_folder_and_env_default(gpt2, tmp_path, monkeypatch):
     torch.testing.assert_close(from_env.mom2, from_list.mom2, rtol=1e-10, atol=1e-12)
     assert from_env.metadata["corpus"]["source"] == f"env:{CORPUS_ENV}"
     assert from_env.metadata["corpus"]["fingerprint"] == from_folder.metadata["corpus"]["fingerprint"]
+
+
+def test_files_corpus_fingerprint_is_by_content(tmp_path):
+    """A copy of a corpus elsewhere with new modification times (a fresh checkout) shares the cache; a file whose
+    text changed, or a new file, does not."""
+    import shutil
+
+    from hf_knowedit.statistics import corpus_identity
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.txt").write_text("alpha beta\n\ngamma delta\n", encoding="utf-8")
+    os.utime(folder / "a.txt", ns=(10**18, 10**18))
+    first = corpus_identity(folder)
+    assert first["files"] == ["a.txt"] and first["num_bytes"] == 24
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(folder, copy, copy_function=shutil.copy)  # new modification times
+    assert (copy / "a.txt").stat().st_mtime_ns != 10**18
+    assert resolve_corpus(copy).fingerprint == first["fingerprint"]
+    (copy / "a.txt").write_text("alpha BETA\n\ngamma delta\n", encoding="utf-8")  # the same size
+    os.utime(copy / "a.txt", ns=(2 * 10**18, 2 * 10**18))  # a new time, even where times are coarse
+    assert resolve_corpus(copy).fingerprint != first["fingerprint"]
+    (folder / "b.txt").write_text("more text\n", encoding="utf-8")
+    assert corpus_identity(folder)["fingerprint"] != first["fingerprint"]
 
 
 def test_corpus_datasets_dataset(gpt2):

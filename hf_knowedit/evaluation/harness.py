@@ -6,9 +6,13 @@ A run writes into its output directory:
   SHA-256 of the dataset file and of each file a config field `*_file` names (IKE's demonstrations, T-Patcher's
   memory), and for a learned method (MEND, KE, SERAC) `editor`: a SHA-256 of its trained editor's weights (by
   content) and its training steps (`hf_knowedit.training.editor_identity`), since the path a config names may hold
-  an editor trained again since. A later run into the same directory must have the same settings, files and editor
-  (a file may be named by another path; a run of a learned method that edited before runs recorded their editor is
-  refused, as its editor cannot be told), and then resumes it; `overwrite=True` deletes it and starts afresh.
+  an editor trained again since, and for a method that computes second-moment statistics (ROME, MEMIT, AlphaEdit)
+  `statistics_corpus`: the corpus they come from (`hf_knowedit.statistics.corpus_identity`: its path and a SHA-256
+  of its files' contents; `None` when the config reads them from `stats_dir`). A later run into the same directory
+  must have the same settings, files, editor and corpus (a file or corpus may be named by another path; a run of a
+  learned method that edited before runs recorded their editor is refused, as its editor cannot be told; a run that
+  edited before runs recorded their corpus goes on with a warning), and then resumes it; `overwrite=True` deletes it
+  and starts afresh.
 - `pre.jsonl`: one line per case, the untouched model's scores (and the raw locality outputs that "unchanged" compares
   with).
 - `results.jsonl`: one line per case: pre and post scores, skipped metrics with reasons, the fluency generations (when
@@ -124,6 +128,7 @@ EDIT_WORK_NAME = "edit_work"  # the finished per-request work of batch edits not
 EDIT_WORK_SCORES = "scores.jsonl"  # in a chunk's edit work: the records of its parts scored so far
 EDIT_NAME = "evaluation"
 EDITOR_KEY = "editor"  # in settings.json and summary.json: the identity of a learned method's trained editor
+STATS_CORPUS_KEY = "statistics_corpus"  # in settings.json: the corpus of a method's second-moment statistics
 CONFIG_FILES_KEY = "config_files_sha256"  # in settings.json: the SHA-256 of each file a config field `*_file` names
 # a method config's fields that a run's settings leave out: the method is its own setting, the model another
 NOT_COMPARED_CONFIG_FIELDS = ("edit_type", "base_model_name_or_path", "revision")
@@ -426,6 +431,27 @@ def _editor_identity(config: dict) -> dict | None:
         return None
 
 
+def _statistics_corpus(config: dict) -> dict | None:
+    """The identity of the corpus a locate-then-edit config computes its second-moment statistics from (see
+    :func:`hf_knowedit.statistics.corpus_identity`), or `None` for other methods, statistics read from `stats_dir`,
+    or a corpus that cannot be found (the method says what is missing when it needs it)."""
+    from ..errors import CorpusNotFoundError
+    from ..statistics import corpus_identity
+
+    if "stats_corpus" not in config or config.get("stats_dir") is not None:
+        return None
+    try:
+        return corpus_identity(config["stats_corpus"])
+    except CorpusNotFoundError:
+        return None
+
+
+def _describe_corpus(corpus: dict) -> str:
+    fingerprint = corpus.get("fingerprint")
+    named = f"SHA-256 {fingerprint[:12]}..." if fingerprint else "by name"
+    return f"{corpus.get('path') or corpus.get('source')!r} ({named})"
+
+
 def _prepare_output(output_dir: Path, settings: EvaluationSettings, overwrite: bool) -> dict | None:
     """Check a run already in `output_dir` against `settings` (or delete it, with `overwrite`), write
     `settings.json`, and return the identity of the trained editor the run uses (see :func:`_editor_identity`)."""
@@ -433,6 +459,7 @@ def _prepare_output(output_dir: Path, settings: EvaluationSettings, overwrite: b
     path = output_dir / SETTINGS_NAME
     dataset_sha256 = _file_sha256(settings.dataset)
     editor = _editor_identity(settings.config)
+    corpus = _statistics_corpus(settings.config)
     config_files = {name: _file_sha256(value) for name, value in settings.config.items()
                     if name.endswith("_file") and isinstance(value, str)}
     if path.is_file():
@@ -442,6 +469,8 @@ def _prepare_output(output_dir: Path, settings: EvaluationSettings, overwrite: b
         stored_files = stored.pop(CONFIG_FILES_KEY, None) or {}
         recorded = EDITOR_KEY in stored  # runs made before runs recorded their editor lack the key
         stored_editor = stored.pop(EDITOR_KEY, None)
+        corpus_recorded = STATS_CORPUS_KEY in stored
+        stored_corpus = stored.pop(STATS_CORPUS_KEY, None)
         stored.setdefault("editor_sees_probes", True)  # runs made before the setting gave the editor every probe
         stored["config"] = with_default_fields(stored.get("method"), stored.get("config"), NOT_COMPARED_CONFIG_FIELDS)
         try:
@@ -453,6 +482,9 @@ def _prepare_output(output_dir: Path, settings: EvaluationSettings, overwrite: b
         previous_config = previous.get("config") if isinstance(previous.get("config"), dict) else {}
         changed_files += [_reconcile_file(f"config.{name}", previous_config, current["config"], name,
                                           stored_files.get(name), digest) for name, digest in config_files.items()]
+        if (stored_corpus and corpus and stored_corpus.get("fingerprint") == corpus.get("fingerprint")
+                and corpus.get("fingerprint") is not None):
+            previous_config["stats_corpus"] = current["config"].get("stats_corpus")  # the same texts elsewhere
         differing = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
         shown = asdict(settings)  # a setting compared in one mode only (`n`) shows its value in both
         pairs = {k: (previous.get(k, stored.get(k)), current.get(k, shown.get(k))) for k in differing}
@@ -466,6 +498,13 @@ def _prepare_output(output_dir: Path, settings: EvaluationSettings, overwrite: b
             details.append(f"the trained editor {settings.config['editor']!r}: not recorded there (the run was made "
                            f"before runs recorded their editor), weights with SHA-256 {editor['sha256'][:12]}... "
                            f"({editor['steps']} steps) now; whether its edits were made by this editor cannot be told")
+        if stored_corpus and corpus and stored_corpus.get("fingerprint") != corpus.get("fingerprint"):
+            details.append(f"the statistics corpus: {_describe_corpus(stored_corpus)} there, "
+                           f"{_describe_corpus(corpus)} now; statistics from another corpus would give other edits")
+        elif corpus and not corpus_recorded and _holds_edits(output_dir) and not overwrite:
+            logger.warning("The run in %s edited before runs recorded the corpus of their statistics; it goes on with "
+                           "%s, which cannot be checked against its earlier edits.", output_dir,
+                           _describe_corpus(corpus))
         if details and not overwrite:
             raise EvaluationSettingsError(
                 f"The output directory {str(output_dir)!r} holds a run with other settings ({'; '.join(details)}). "
@@ -477,7 +516,7 @@ def _prepare_output(output_dir: Path, settings: EvaluationSettings, overwrite: b
         shutil.rmtree(output_dir / EDIT_WORK_NAME, ignore_errors=True)
         delete_snapshots(output_dir)  # a stream of the other settings must not go on from them
     write_json(path, {**asdict(settings), "dataset_sha256": dataset_sha256, CONFIG_FILES_KEY: config_files,
-                      EDITOR_KEY: editor})
+                      EDITOR_KEY: editor, STATS_CORPUS_KEY: corpus})
     return editor
 
 
