@@ -1,8 +1,9 @@
 #!/bin/bash
 # Results queue for docs/results.md: every method on CounterFact and zsRE, single edits, first a small n for every
 # method, then grown to 200 (the harness resumes a run whose n grows in single mode).
-# Usage: SIZES="25 200" [METHODS="name:config ..."] [TRAIN_AT=25] benchmarks/results/run_single_edits.sh  (this page's runs:
-# SIZES=25; MEND and KE are trained first when their editors are missing, with 8-minute budgets; see train_editors.sh).
+# Usage: SIZES="25 200" [METHODS="name:config ..."] benchmarks/results/run_single_edits.sh
+# The learned editors (MEND, KE, SERAC) are trained first when missing (benchmarks/results/train_editors.sh, for
+# fixed steps).
 # EXTRA_ARGS are added to every evaluation (e.g. --editor-sees-probes to grow a run made with that setting);
 # DATASETS="counterfact" limits the runs to one dataset (default: counterfact zsre).
 source "$(dirname "$0")/common.sh"
@@ -16,28 +17,14 @@ run() {  # run NAME CONFIG DATASET_TAG N
   rc=$?
   echo "$(date) end runs/$tag/${name}_single rc=$rc"
 }
-train() {  # train METHOD MINUTES
-  echo "$(date) start training $1"
-  .venv/bin/hf-knowedit train-editor --method $1 \
-    --dataset ../shared/data/counterfact_easyedit/counterfact-train.json --n 2000 \
-    --output runs/$1-smollm2 --max-minutes $2 \
-    --set validation_size=16 --set eval_every=50 --set save_every=50 --set log_every=10
-  rc=$?
-  echo "$(date) end training $1 rc=$rc"
-}
-ALL="ike:editing_configs/ike/counterfact.json grace:editing_configs/grace/default.json serac:editing_configs/serac/llama.json rome:editing_configs/rome/llama.json memit:editing_configs/memit/llama.json alphaedit:editing_configs/alphaedit/llama.json kn:editing_configs/kn/llama.json tpatcher:editing_configs/tpatcher/default.json calinet:editing_configs/calinet/default.json"
+ALL="ike:editing_configs/ike/counterfact.json grace:editing_configs/grace/default.json serac:editing_configs/serac/llama.json rome:editing_configs/rome/llama.json memit:editing_configs/memit/llama.json alphaedit:editing_configs/alphaedit/llama.json kn:editing_configs/kn/llama.json tpatcher:editing_configs/tpatcher/default.json calinet:editing_configs/calinet/default.json mend:editing_configs/mend/llama.json ke:editing_configs/ke/llama.json"
 while [ -n "$WAIT" ] && kill -0 $WAIT 2>/dev/null; do sleep 5; done
 for n in ${SIZES:-40 200}; do
   for spec in ${METHODS:-$ALL}; do
     IFS=: read name config <<< "$spec"
-    for tag in ${DATASETS:-counterfact zsre}; do run $name $config $tag $n; done
-  done
-  if [ $n = ${TRAIN_AT:-40} ]; then
-    [ -f runs/mend-smollm2/editor/editor_weights.safetensors ] || train mend 8
-    [ -f runs/ke-smollm2/editor/editor_weights.safetensors ] || train ke 8
-  fi
-  for spec in mend:editing_configs/mend/llama.json ke:editing_configs/ke/llama.json; do
-    IFS=: read name config <<< "$spec"
+    case $name in mend|ke|serac)  # a learned method: its editor first
+      [ -f runs/$name-smollm2/editor/editor_weights.safetensors ] || METHODS=$name benchmarks/results/train_editors.sh ;;
+    esac
     for tag in ${DATASETS:-counterfact zsre}; do run $name $config $tag $n; done
   done
 done
