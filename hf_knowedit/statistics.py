@@ -341,10 +341,16 @@ def _iterable_corpus(iterable: Iterable[str]) -> _Corpus:
     return _Corpus(description, fingerprint, checked)
 
 
-def _default_corpus() -> _Corpus:
+def _env_corpus() -> _Corpus | None:
+    """The text file or folder `$HF_KNOWEDIT_STATS_CORPUS` names, or `None` when it is not set."""
     path = os.environ.get(CORPUS_ENV, "").strip()
-    if path:
-        return _files_corpus(Path(path), f"env:{CORPUS_ENV}")
+    return _files_corpus(Path(path), f"env:{CORPUS_ENV}") if path else None
+
+
+def _default_corpus() -> _Corpus:
+    from_env = _env_corpus()
+    if from_env is not None:
+        return from_env
     reason = "the `datasets` package is not installed"
     try:
         from datasets import load_dataset
@@ -422,11 +428,9 @@ def corpus_identity(corpus: str | os.PathLike | None = None) -> dict:
 
     ```
     """
-    if corpus is not None:
-        return resolve_corpus(corpus).to_json()
-    path = os.environ.get(CORPUS_ENV, "").strip()
-    if path:
-        return _files_corpus(Path(path), f"env:{CORPUS_ENV}").to_json()
+    resolved = resolve_corpus(corpus) if corpus is not None else _env_corpus()
+    if resolved is not None:
+        return resolved.to_json()
     return {"kind": "datasets", "source": "default:wikitext-103-raw-v1", "fingerprint": None}
 
 
