@@ -5,6 +5,7 @@ import hashlib
 import importlib.util
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from tokenizers.processors import TemplateProcessing
 from hf_knowedit.config import build_config
 from hf_knowedit.data import DatasetFormatError, DatasetSelectionError, load_edit_dataset
 from hf_knowedit.edited_model import EditedModel
-from hf_knowedit.errors import EditConfigError
+from hf_knowedit.errors import ContradictoryRequestsError, EditConfigError
 from hf_knowedit.evaluation import (
     EvaluationSettings,
     EvaluationSettingsError,
@@ -23,7 +24,13 @@ from hf_knowedit.evaluation import (
     run_evaluation,
 )
 from hf_knowedit.evaluation.cli import add_evaluate_parser, add_report_parser
-from hf_knowedit.evaluation.harness import NORMAL_CLIPPED, _differences, default_label
+from hf_knowedit.evaluation.harness import (
+    NORMAL_CLIPPED,
+    _differences,
+    contradicting_cases,
+    default_label,
+    editor_requests,
+)
 from hf_knowedit.evaluation.probes import ChatTemplateError, apply_chat_template, chat_prompt
 from hf_knowedit.evaluation.report import (
     _cell,
@@ -37,6 +44,7 @@ from hf_knowedit.evaluation.report import (
     plot_metrics_vs_edits,
     write_report,
 )
+from hf_knowedit.locate.base import check_consistent_requests
 from hf_knowedit.scoring import BatchScorer
 from hf_knowedit.utils import parse_overrides
 
@@ -637,6 +645,23 @@ def test_the_editor_does_not_see_the_probes_it_is_scored_on(dataset, tmp_path, m
     rows = [line for line in table.splitlines() if line.startswith("| FT") and f"| {mode}" in line]
     assert sorted(f"| {mode} †" in row for row in rows) == [False, True]
     assert "† The editor was given the rephrase, locality and portability prompts" in table
+
+
+def test_editor_requests_and_the_cases_left_out_for_contradicting_others(dataset):
+    # the two steps of the harness's apply_edits that scripts rebuilding a run's edits (fill_target_values.py) share
+    cases = load_edit_dataset(dataset)[:2]
+    hidden = editor_requests(cases)
+    assert [(r.filled_prompt, r.subject, r.target_new) for r in hidden] == \
+        [(c.filled_prompt, c.subject, c.target_new) for c in cases]
+    assert not any(r.rephrase_prompts or r.locality or r.portability for r in hidden)
+    assert any(c.rephrase_prompts or c.locality for c in cases)  # the inputs are left as they were
+    assert editor_requests(cases, sees_probes=True) == cases
+    other = replace(cases[0], target_new=cases[0].target_new + " again")
+    requests = [cases[0], cases[1], other]
+    with pytest.raises(ContradictoryRequestsError) as caught:
+        check_consistent_requests(requests)
+    assert contradicting_cases([10, 11, 12], caught.value) == {12: 10}
+    assert contradicting_cases([10, 11, 12], ContradictoryRequestsError("none", [])) == {}
 
 
 def test_chat_template_bos_is_not_doubled():

@@ -21,7 +21,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,7 +29,7 @@ from hf_knowedit.config import build_config
 from hf_knowedit.data import load_edit_dataset
 from hf_knowedit.edited_model import EditedModel
 from hf_knowedit.errors import ContradictoryRequestsError
-from hf_knowedit.evaluation.harness import SETTINGS_NAME, _edit_work_dir, _seed
+from hf_knowedit.evaluation.harness import SETTINGS_NAME, _edit_work_dir, _seed, contradicting_cases, editor_requests
 from hf_knowedit.locate import values as values_module
 from hf_knowedit.locate.base import check_consistent_requests
 from hf_knowedit.locate.keys import context_prefixes
@@ -48,15 +47,15 @@ def chunk_requests(settings: dict, chunk: int) -> list:
     requests = requests[chunk * size:(chunk + 1) * size]
     if not requests:
         raise SystemExit(f"The run has no chunk {chunk} ({settings['n']} cases in chunks of {size}).")
-    if not settings.get("editor_sees_probes", False):
-        requests = [replace(r, rephrase_prompts=[], locality=[], portability=[]) for r in requests]
-    while True:
+    kept = list(range(len(requests)))
+    while True:  # as the harness's apply_edits, with the check MEMIT and AlphaEdit make before editing
+        chosen = editor_requests([requests[i] for i in kept], settings.get("editor_sees_probes", False))
         try:
-            check_consistent_requests(requests)
-            return requests
+            check_consistent_requests(chosen)
+            return chosen
         except ContradictoryRequestsError as error:
-            dropped = {later for _, later in error.conflicts}
-            requests = [r for i, r in enumerate(requests) if i not in dropped]
+            dropped = contradicting_cases(kept, error)
+            kept = [i for i in kept if i not in dropped]
 
 
 def main(argv=None) -> int:

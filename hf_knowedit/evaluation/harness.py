@@ -566,6 +566,20 @@ def _chunks(indices: list[int], size: int) -> list[list[int]]:
     return [indices[i : i + size] for i in range(0, len(indices), size)]
 
 
+def editor_requests(requests: list, sees_probes: bool = False) -> list:
+    """The requests an editor receives for cases `requests`: without the rephrase, locality and portability prompts
+    they are scored on, unless `sees_probes` (the run's `editor_sees_probes`)."""
+    if sees_probes:
+        return list(requests)
+    return [replace(r, rephrase_prompts=[], locality=[], portability=[]) for r in requests]
+
+
+def contradicting_cases(cases: list, error: ContradictoryRequestsError) -> dict:
+    """The cases a chunk is edited without after `error` (raised for the requests of `cases`, in that order): each
+    later case of a conflict, mapped to the earlier case it contradicts. Empty when the error names no conflict."""
+    return {cases[later]: cases[first] for first, later in error.conflicts}
+
+
 def _strip_raw(result: dict) -> dict:
     """What a case record keeps of a scoring pass: the scores, the skips, and the fluency generation when there is one
     (the raw outputs "unchanged" compares stay in `pre.jsonl`)."""
@@ -755,13 +769,6 @@ def run_evaluation(
         bar.set_postfix(running.postfix())
         write_summary()  # a partial summary (complete: false) survives an interruption
 
-    def edit_requests(chunk):
-        """The requests the editor receives: without the probes it is scored on, unless the settings say so."""
-        requests = [by_index[i] for i in chunk]
-        if settings.editor_sees_probes:
-            return requests
-        return [replace(r, rephrase_prompts=[], locality=[], portability=[]) for r in requests]
-
     def apply_edits(chunk) -> dict[int, str | None]:
         """Add the chunk's edits to the model; return, per case, why its edit was refused (`None`: applied). A method
         that refuses the edits (`EditFailedError`, the model left as it was) does not stop the run: the chunk's cases
@@ -772,9 +779,10 @@ def run_evaluation(
         kept = list(chunk)
         while True:
             try:
-                edited.add_edits(config, edit_requests(kept), edit_name=EDIT_NAME)
+                edited.add_edits(config, editor_requests([by_index[i] for i in kept], settings.editor_sees_probes),
+                                 edit_name=EDIT_NAME)
             except ContradictoryRequestsError as error:
-                dropped = {kept[later]: kept[first] for first, later in error.conflicts}
+                dropped = contradicting_cases(kept, error)
                 if not dropped:  # nothing to leave out: the edit cannot be made as asked
                     raise
                 for index, first in dropped.items():
@@ -1182,6 +1190,8 @@ __all__ = [
     "EvaluationProcessError",
     "EvaluationSettings",
     "EvaluationSettingsError",
+    "contradicting_cases",
+    "editor_requests",
     "load_summary",
     "mean_ci",
     "parse_schedule",
