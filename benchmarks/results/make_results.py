@@ -7,7 +7,7 @@ benchmarks/results/run_single_edits.sh.
   that run (summary_rows.py, KIND batch, sequential, fluency or gpu), keeping its first cell, the method's name. To
   add a row, write `| NAME | `runs/...` |` in the table and run this script.
 - Stops, naming them, when runs that docs/results.md names are missing here (runs made before their records were
-  kept in git are in no checkout but the one that made them), unless
+  kept in git are in no checkout but the one that made them) or are here part-way, being made again, unless
   --allow-missing (rebuild from the runs that are here, dropping the others' rows) or --partial.
 - --partial, for a checkout that holds only some of the runs: recompute every row whose run is here and keep the
   others as they are. The table of all runs gets the rows of the runs here, new ones included, in the report's
@@ -82,12 +82,18 @@ def main(argv: list[str]):
     # runs made before their records were kept in git are missing from later checkouts: rebuilding would silently
     # drop their rows and table entries, so stop and say which are missing
     named = sorted(set(re.findall(r"`(runs/[^`]+?)/?`", Path("docs/results.md").read_text())))
-    missing = [run for run in named if Path(run).parent.name in ("counterfact", "zsre", "fluency")
+    # a run sits in a dataset's folder (runs/counterfact/X, runs/fluency/counterfact/X); the folders themselves are
+    # named too, in prose
+    missing = [run for run in named if Path(run).parent.name in ("counterfact", "zsre")
                and not (Path(run) / "summary.json").is_file() and "*" not in run]
-    if missing and not partial and "--allow-missing" not in argv:
-        sys.exit(f"{len(missing)} runs named in docs/results.md are not here (first: {', '.join(missing[:5])}); "
-                 "rebuilding would drop them. Fetch them into runs/, or pass --partial (keep their rows) or "
-                 "--allow-missing (drop them).")
+    doc = Path("docs/results.md").read_text()
+    old_all = re.search(r"<!-- all -->\n(.*?)<!-- /all -->", doc, re.S).group(1)
+    redoing = being_redone(old_all)  # here part-way: a rebuild would replace a complete run's rows with theirs
+    if (missing or redoing) and not partial and "--allow-missing" not in argv:
+        sys.exit(f"{len(missing)} runs named in docs/results.md are not here (first: {', '.join(missing[:5])}) and "
+                 f"{len(redoing)} are here part-way, being made again ({', '.join(sorted(redoing)[:5]) or 'none'}); "
+                 "rebuilding would drop or replace their rows. Fetch or complete them, or pass --partial (keep "
+                 "their rows) or --allow-missing (drop them).")
     runs = sorted(str(p.parent) for tag in ("counterfact", "zsre") for p in Path("runs", tag).glob("*/summary.json"))
     tables = {}
     for protocol in ("token_accuracy",) if partial else ("token_accuracy", "prob_comparison"):
@@ -107,12 +113,10 @@ def main(argv: list[str]):
     if gpu_runs and not partial:
         subprocess.run([".venv/bin/hf-knowedit", "report", *gpu_runs, "--output", "docs/report_gpu"], check=True,
                        capture_output=True)
-    doc = Path("docs/results.md").read_text()
-    redoing = frozenset()
     if partial:
-        old = re.search(r"<!-- all -->\n(.*?)<!-- /all -->", doc, re.S).group(1)
-        redoing = being_redone(old)
-        tables = {"all": merge_all_runs(old, tables["all"], redoing)}
+        tables = {"all": merge_all_runs(old_all, tables["all"], redoing)}
+    else:
+        redoing = frozenset()  # --allow-missing: every run's rows are those of the run here
     for key, table in tables.items():
         pattern = rf"(<!-- {key} -->\n).*?(<!-- /{key} -->)"
         doc = re.sub(pattern, lambda m, table=table: m.group(1) + table + m.group(2), doc, flags=re.S)
