@@ -806,7 +806,8 @@ def test_results_page_rows_come_from_the_run_they_name(runs, tmp_path):
 
 def test_results_page_rebuilt_from_some_runs_keeps_the_rows_of_the_others():
     """make_results.py --partial: the table of all runs keeps the rows of runs this checkout lacks, replaces those of
-    the runs it has, adds new ones, in the report's order (dataset, method, mode, batch, run), and keeps its notes."""
+    the runs it has, adds new ones, in the report's order (dataset, method, mode, batch, run), and keeps its notes;
+    the main tables take the cells of the single-edit runs it has and keep the others."""
     spec = importlib.util.spec_from_file_location(
         "make_results", Path(__file__).parents[1] / "benchmarks" / "results" / "make_results.py")
     make_results = importlib.util.module_from_spec(spec)
@@ -824,6 +825,16 @@ def test_results_page_rebuilt_from_some_runs_keeps_the_rows_of_the_others():
                              "| SERAC | cf | sequential † | 1 | `runs/cf/serac_seq` |\n"
                              "| GRACE | zs | sequential | 1 | `runs/zs/grace_seq` |\n"
                              "| SERAC | zs | batch | 10 | `runs/zs/serac_b10` |\n\n† note\n\n")
+    # the main tables: the cells of the single-edit runs here replace the old ones, the others are kept
+    head = "| Method | zs Rel. | zs Loc. | cf Rel. | cf Loc. |\n|---|---|---|---|---|\n"
+    old = head + "| KN | 1 | 2 | 3 | 4 |\n| ROME | 5 | 6 | 7 | 8 |\n| *unedited model* | 9 | – | 10 | – |\n\n"
+    new = ("| Method | cf Rel. | cf Loc. |\n|---|---|---|\n| GRACE | 11 | 12 |\n| ROME | 13 | – |\n"
+           "| *unedited model* | 14 | – |\n\n")
+    assert make_results.merge_main_table(old, new) == head + (
+        "| GRACE | – | – | 11 | 12 |\n| KN | 1 | 2 | 3 | 4 |\n| ROME | 5 | 6 | 13 | 8 |\n"
+        "| *unedited model* | 9 | – | 14 | – |\n\n")
+    with pytest.raises(SystemExit, match="'xx Rel.'"):
+        make_results.merge_main_table(old, "| Method | xx Rel. |\n|---|---|\n| ROME | 1 |\n\n")
 
 
 def test_gpu_rows_compare_with_the_cpu_run_on_the_same_cases(runs, tmp_path, monkeypatch):

@@ -11,8 +11,9 @@ benchmarks/results/run_single_edits.sh.
   --allow-missing (rebuild from the runs that are here, dropping the others' rows) or --partial.
 - --partial, for a checkout that holds only some of the runs: recompute every row whose run is here and keep the
   others as they are. The table of all runs gets the rows of the runs here, new ones included, in the report's
-  order, and keeps the rows of the missing runs. The main tables and the plots of docs/report_all are left alone:
-  they compare every run, and are rebuilt only when all of them are here. The plots of the runs that are here go to
+  order, and keeps the rows of the missing runs. The main tables get the cells of the complete single-edit runs here
+  (the runs behind them) and keep their other cells. The plots of docs/report_all are left alone: they compare every
+  run, and are rebuilt only when all of them are here. The plots of the runs that are here go to
   docs/report_in_git instead (PARTIAL_PLOTS). A run here that is not complete, made again after a complete run of
   that folder was lost, keeps the complete run's rows until it completes (`being_redone`).
 - docs/report_gpu: the plots of `hf-knowedit report` over the GPU runs under runs/gpu (benchmarks/results/run_gpu.sh),
@@ -62,6 +63,36 @@ def being_redone(old_all_runs: str) -> frozenset:
     return frozenset(redoing)
 
 
+def complete_single_runs(runs: list[str]) -> list[str]:
+    """The runs of RUNS that edited one case at a time and are complete: those behind the main tables' cells."""
+    summaries = {run: json.loads((Path(run) / "summary.json").read_text()) for run in runs}
+    return [run for run, s in summaries.items() if s["mode"] == "single" and s.get("complete", True)]
+
+
+def merge_main_table(old: str, new: str) -> str:
+    """The main table OLD (method x dataset) with each of its cells that NEW (the report of some runs) fills replaced
+    by NEW's, and NEW's methods that OLD lacks added; the cells NEW leaves empty ("–") are kept."""
+    def parse(table):
+        lines = table.strip().splitlines()
+        header = [cell.strip() for cell in lines[0].split("|")[1:-1]]
+        return header, {cells[0]: cells for line in lines[2:] if (cells := [c.strip() for c in line.split("|")[1:-1]])}
+
+    header, rows = parse(old)
+    new_header, new_rows = parse(new)
+    for method, cells in new_rows.items():
+        row = rows.setdefault(method, [method] + ["–"] * (len(header) - 1))
+        for column, cell in zip(new_header[1:], cells[1:], strict=True):
+            if cell != "–":
+                if column not in header:
+                    raise SystemExit(f"The report has a column {column!r} that the main table of docs/results.md "
+                                     "lacks: rebuild it from every run (without --partial).")
+                row[header.index(column)] = cell
+    unedited = rows.pop("*unedited model*", None)
+    ordered = [rows[m] for m in sorted(rows)] + ([unedited] if unedited else [])
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---|" * (len(header) - 1)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in ordered]) + "\n\n"
+
+
 def merge_all_runs(old: str, new: str, redoing: frozenset = frozenset()) -> str:
     """The table of all runs OLD with the rows of NEW (the runs here) replacing or joining its rows, but not those of
     REDOING, in the report's order (dataset, method, mode, batch size, then run)."""
@@ -96,8 +127,9 @@ def main(argv: list[str]):
                  "their rows) or --allow-missing (drop them).")
     runs = sorted(str(p.parent) for tag in ("counterfact", "zsre") for p in Path("runs", tag).glob("*/summary.json"))
     tables = {}
-    for protocol in ("token_accuracy",) if partial else ("token_accuracy", "prob_comparison"):
-        # --partial: the report of some runs gives the rows of the table of all runs, and its plots go apart
+    for protocol in ("token_accuracy", "prob_comparison"):
+        # --partial: the report of some runs gives the rows of the table of all runs, and its plots go apart; the
+        # main tables get the cells of the complete single-edit runs here (a report of those alone)
         out = (PARTIAL_PLOTS if partial else Path("docs/report_all")) if protocol == "token_accuracy" else Path(
             f"/tmp/report_{protocol}")
         subprocess.run([".venv/bin/hf-knowedit", "report", *runs, "--output", str(out), "--protocol", protocol],
@@ -105,7 +137,15 @@ def main(argv: list[str]):
         text = (out / "report.md").read_text()
         if out == PARTIAL_PLOTS:
             (out / "report.md").unlink()  # its tables are those of docs/results.md
-        tables[protocol] = re.search(r"\| Method \| ZsRE.*?\n\n", text, re.S).group(0)
+        if partial:
+            singles = Path(f"/tmp/report_singles_{protocol}")
+            subprocess.run([".venv/bin/hf-knowedit", "report", *complete_single_runs(runs), "--output",
+                            str(singles), "--protocol", protocol], check=True, capture_output=True)
+            old_main = re.search(rf"<!-- {protocol} -->\n(.*?)<!-- /{protocol} -->", doc, re.S).group(1)
+            tables[protocol] = merge_main_table(
+                old_main, re.search(r"\| Method \| .*?\n\n", (singles / "report.md").read_text(), re.S).group(0))
+        else:
+            tables[protocol] = re.search(r"\| Method \| ZsRE.*?\n\n", text, re.S).group(0)
         if protocol == "token_accuracy":
             tables["all"] = re.search(r"\| Method \| Dataset \|.*?\n\n(?:† .*?\n\n?)?", text, re.S).group(0)
             tables["all"] = re.sub(r"`(\.\./)+(work/main/)?runs/", "`runs/", tables["all"])
@@ -114,7 +154,7 @@ def main(argv: list[str]):
         subprocess.run([".venv/bin/hf-knowedit", "report", *gpu_runs, "--output", "docs/report_gpu"], check=True,
                        capture_output=True)
     if partial:
-        tables = {"all": merge_all_runs(old_all, tables["all"], redoing)}
+        tables["all"] = merge_all_runs(old_all, tables["all"], redoing)
     else:
         redoing = frozenset()  # --allow-missing: every run's rows are those of the run here
     for key, table in tables.items():
@@ -124,7 +164,8 @@ def main(argv: list[str]):
                  flags=re.S)
     Path("docs/results.md").write_text(doc)
     print("runs:", len(runs), "GPU runs:", len(gpu_runs),
-          f"(--partial: {len(missing)} missing runs' rows kept; main tables and docs/report_all not rebuilt; plots of "
+          f"(--partial: {len(missing)} missing runs' rows kept; main tables' cells of the complete single-edit runs "
+          f"here recomputed, the others kept; docs/report_all not rebuilt; plots of "
           f"the runs here in {PARTIAL_PLOTS}); being made again, their complete runs' rows kept: "
           f"{', '.join(sorted(redoing)) or 'none'}" if partial else "")
 
