@@ -138,12 +138,13 @@ def main(argv: list[str]):
         if out == PARTIAL_PLOTS:
             (out / "report.md").unlink()  # its tables are those of docs/results.md
         if partial:
-            singles = Path(f"/tmp/report_singles_{protocol}")
-            subprocess.run([".venv/bin/hf-knowedit", "report", *complete_single_runs(runs), "--output",
-                            str(singles), "--protocol", protocol], check=True, capture_output=True)
-            old_main = re.search(rf"<!-- {protocol} -->\n(.*?)<!-- /{protocol} -->", doc, re.S).group(1)
-            tables[protocol] = merge_main_table(
-                old_main, re.search(r"\| Method \| .*?\n\n", (singles / "report.md").read_text(), re.S).group(0))
+            if single_runs := complete_single_runs(runs):  # none here: the main tables stay as they are
+                singles = Path(f"/tmp/report_singles_{protocol}")
+                subprocess.run([".venv/bin/hf-knowedit", "report", *single_runs, "--output", str(singles),
+                                "--protocol", protocol], check=True, capture_output=True)
+                old_main = re.search(rf"<!-- {protocol} -->\n(.*?)<!-- /{protocol} -->", doc, re.S).group(1)
+                tables[protocol] = merge_main_table(
+                    old_main, re.search(r"\| Method \| .*?\n\n", (singles / "report.md").read_text(), re.S).group(0))
         else:
             tables[protocol] = re.search(r"\| Method \| ZsRE.*?\n\n", text, re.S).group(0)
         if protocol == "token_accuracy":
