@@ -4,6 +4,7 @@ import argparse
 import hashlib
 import importlib.util
 import json
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -804,14 +805,85 @@ def test_results_page_rows_come_from_the_run_they_name(runs, tmp_path):
     assert summary_rows.row("fluency", "FT", batch_dir).startswith(f"| FT | {fluency['mean']:.2f} ± ")
 
 
-def test_results_page_rebuilt_from_some_runs_keeps_the_rows_of_the_others():
-    """make_results.py --partial: the table of all runs keeps the rows of runs this checkout lacks, replaces those of
-    the runs it has, adds new ones, in the report's order (dataset, method, mode, batch, run), and keeps its notes;
-    the main tables take the cells of the single-edit runs it has and keep the others."""
+def _make_results_module():
     spec = importlib.util.spec_from_file_location(
         "make_results", Path(__file__).parents[1] / "benchmarks" / "results" / "make_results.py")
     make_results = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_results)  # defines functions only: the page is rebuilt by main()
+    return make_results
+
+
+def _results_page(main_table: str, all_runs: str, batch_rows: str) -> str:
+    return (f"# Results\n\n<!-- token_accuracy -->\n{main_table}<!-- /token_accuracy -->\n\n"
+            f"<!-- prob_comparison -->\n{main_table}<!-- /prob_comparison -->\n\n<!-- all -->\n{all_runs}"
+            f"<!-- /all -->\n\n<!-- rows batch -->\n| Method | Batch | Run |\n|---|---|---|\n{batch_rows}\n"
+            "<!-- /rows -->\n\nThe runs are under `runs/counterfact/` and `runs/zsre/`.\n")
+
+
+def test_results_page_rebuilt_by_make_results(runs, tmp_path, monkeypatch):
+    """make_results.py's main() on a page naming runs that are here, one that is lost and one here part-way: it stops
+    and names them; --partial recomputes the rows and main-table cells of the complete runs here and keeps the others;
+    --allow-missing rebuilds from the runs here, dropping the lost run's rows."""
+    make_results = _make_results_module()
+    _, result = runs
+    monkeypatch.chdir(tmp_path)
+    single, batch = "runs/counterfact/ft_single", "runs/zsre/ft_batch2"
+    shutil.copytree(result[("single", 1, "final")][0], single)
+    shutil.copytree(result[("batch", 2, "final")][0], batch)
+    fresh = make_results.report([single, batch], "token_accuracy")
+    main_table = re.search(r"\| Method \| .*?\n\n", fresh, re.S).group(0)
+    all_runs = re.search(r"\| Method \| Dataset \|.*?\n\n", fresh, re.S).group(0)
+    fresh_rows = make_results.table_rows(all_runs)
+    ft, unedited = main_table.strip().splitlines()[2:]  # FT-M's row and the unedited model's
+    old_ft = "| FT-M | " + " | ".join(["1.0 ± 0.1"] * (ft.count("|") - 2)) + " |"
+    lost_main = old_ft.replace("FT-M", "KN").replace("1.0", "7.0")
+    lost_row = fresh_rows[single].replace("FT-M", "KN").replace(single, "runs/counterfact/kn_single")
+    stale = {run: "|".join(line.split("|")[:-3] + [" 9.99 ", line.split("|")[-2], ""]) for run, line in
+             fresh_rows.items()}  # a stale Peak RSS cell
+    header = "\n".join(all_runs.splitlines()[:2])
+    page = _results_page(
+        main_table.replace(ft, old_ft).replace(unedited, lost_main + "\n" + unedited),
+        header + "\n" + "\n".join([stale[single], lost_row, stale[batch]]) + "\n\n",
+        f"| FT | 0 | `{batch}` |\n| KN | 0 | `runs/zsre/kn_batch10` |")
+    Path("docs").mkdir()
+    Path("docs/results.md").write_text(page)
+    with pytest.raises(SystemExit, match=r"2 runs named .* not here \(runs/counterfact/kn_single, "
+                       r"runs/zsre/kn_batch10\) and 0 are here part-way"):
+        make_results.main([])
+    assert Path("docs/results.md").read_text() == page
+
+    make_results.main(["--partial"])
+    rebuilt = Path("docs/results.md").read_text()
+    assert ft in rebuilt and old_ft not in rebuilt and lost_main in rebuilt  # the run here, the lost one kept
+    assert fresh_rows[single] in rebuilt and fresh_rows[batch] in rebuilt and lost_row in rebuilt
+    assert "| KN | 0 | `runs/zsre/kn_batch10` |" in rebuilt
+    assert make_results.row("batch", "FT", batch) in rebuilt
+    assert sorted(p.name for p in make_results.PARTIAL_PLOTS.iterdir()) == [
+        "efficiency.png", "metrics_vs_edits_cases.png"]
+
+    # the single-edit run made again, here part-way: its complete run's rows and cells stay until it completes
+    Path("docs/results.md").write_text(page)
+    summary = json.loads(Path(single, "summary.json").read_text())
+    Path(single, "summary.json").write_text(json.dumps({**summary, "complete": False, "num_completed": 3}))
+    with pytest.raises(SystemExit, match=r"and 1 are here part-way, being made again \(runs/counterfact/ft_single\)"):
+        make_results.main([])
+    make_results.main(["--partial"])
+    rebuilt = Path("docs/results.md").read_text()
+    assert old_ft in rebuilt and stale[single] in rebuilt and fresh_rows[batch] in rebuilt
+
+    # --allow-missing: the tables of the runs here alone, the lost run's rows dropped
+    Path(single, "summary.json").write_text(json.dumps(summary))
+    make_results.main(["--allow-missing"])
+    rebuilt = Path("docs/results.md").read_text()
+    assert main_table in rebuilt and all_runs in rebuilt and make_results.row("batch", "FT", batch) in rebuilt
+    assert "KN" not in rebuilt and "kn_" not in rebuilt
+
+
+def test_results_page_rebuilt_from_some_runs_keeps_the_rows_of_the_others():
+    """make_results.py --partial: the table of all runs keeps the rows of runs this checkout lacks, replaces those of
+    the runs it has, adds new ones, in the report's order (dataset, method, mode, batch, run), and keeps its notes;
+    the main tables take the cells of the single-edit runs it has and keep the others."""
+    make_results = _make_results_module()
     head = "| Method | Dataset | Mode | Batch | Run |\n|---|---|---|---|---|\n"
     old = head + ("| ROME | cf | single † | 1 | `runs/cf/rome_single` |\n"
                   "| SERAC | cf | sequential | 1 | `runs/cf/serac_seq` |\n"

@@ -21,9 +21,10 @@ benchmarks/results/run_single_edits.sh.
 """
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
+
+from hf_knowedit.evaluation.report import find_summaries, markdown_tables, plot_efficiency, plot_metrics_vs_edits
 
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -35,13 +36,17 @@ RUN_CELL = re.compile(r"\| `([^`]+)` \|$")  # a table row's last cell: the run i
 
 
 def rows_block(match: re.Match, partial: bool = False, redoing: frozenset = frozenset()) -> str:
-    """The table between <!-- rows KIND --> and <!-- /rows --> with each row that names a run recomputed (with
-    PARTIAL, only those whose run is here, and not those being made again, REDOING)."""
+    """The table between <!-- rows KIND --> and <!-- /rows --> with each row that names a run recomputed. With
+    PARTIAL, the rows of runs not here and of those being made again (REDOING) are kept as they are; without, the
+    rows of runs not here are dropped (--allow-missing)."""
     lines = []
     for line in match.group(2).splitlines():
         run = RUN_CELL.search(line)
-        keep = not run or (partial and (not (Path(run.group(1)) / "summary.json").is_file() or run.group(1) in redoing))
-        lines.append(line if keep else row(match.group(1), line.split("|")[1].strip(), run.group(1)))
+        here = bool(run) and (Path(run.group(1)) / "summary.json").is_file()
+        if not run or (partial and (not here or run.group(1) in redoing)):
+            lines.append(line)
+        elif here:
+            lines.append(row(match.group(1), line.split("|")[1].strip(), run.group(1)))
     return match.group(0).replace(match.group(2), "\n".join(lines))
 
 
@@ -108,21 +113,32 @@ def merge_all_runs(old: str, new: str, redoing: frozenset = frozenset()) -> str:
     return "\n".join(head + sorted(merged.values(), key=order)) + "\n\n" + notes
 
 
+def report(runs: list[str], protocol: str, plots: Path | None = None) -> str:
+    """The tables of `hf-knowedit report` over RUNS (run paths as given) in PROTOCOL; with PLOTS, its plots there."""
+    found = find_summaries(runs)
+    if plots:
+        plots.mkdir(parents=True, exist_ok=True)
+        plot_metrics_vs_edits(found, plots, protocol)
+        plot_efficiency(found, plots)
+    return markdown_tables(found, protocol) + "\n"  # as in report.md: a blank line ends its last table
+
+
 def main(argv: list[str]):
     partial = "--partial" in argv
     # runs made before their records were kept in git are missing from later checkouts: rebuilding would silently
     # drop their rows and table entries, so stop and say which are missing
-    named = sorted(set(re.findall(r"`(runs/[^`]+?)/?`", Path("docs/results.md").read_text())))
+    doc = Path("docs/results.md").read_text()
+    named = sorted(set(re.findall(r"`(runs/[^`]+?)/?`", doc)))
     # a run sits in a dataset's folder (runs/counterfact/X, runs/fluency/counterfact/X); the folders themselves are
     # named too, in prose
     missing = [run for run in named if Path(run).parent.name in ("counterfact", "zsre")
                and not (Path(run) / "summary.json").is_file() and "*" not in run]
-    doc = Path("docs/results.md").read_text()
     old_all = re.search(r"<!-- all -->\n(.*?)<!-- /all -->", doc, re.S).group(1)
     redoing = being_redone(old_all)  # here part-way: a rebuild would replace a complete run's rows with theirs
     if (missing or redoing) and not partial and "--allow-missing" not in argv:
-        sys.exit(f"{len(missing)} runs named in docs/results.md are not here (first: {', '.join(missing[:5])}) and "
-                 f"{len(redoing)} are here part-way, being made again ({', '.join(sorted(redoing)[:5]) or 'none'}); "
+        sys.exit(f"{len(missing)} runs named in docs/results.md are not here ({', '.join(missing[:5]) or 'none'}"
+                 f"{', ...' if len(missing) > 5 else ''}) and {len(redoing)} are here part-way, being made again "
+                 f"({', '.join(sorted(redoing)[:5]) or 'none'}{', ...' if len(redoing) > 5 else ''}); "
                  "rebuilding would drop or replace their rows. Fetch or complete them, or pass --partial (keep "
                  "their rows) or --allow-missing (drop them).")
     runs = sorted(str(p.parent) for tag in ("counterfact", "zsre") for p in Path("runs", tag).glob("*/summary.json"))
@@ -130,30 +146,20 @@ def main(argv: list[str]):
     for protocol in ("token_accuracy", "prob_comparison"):
         # --partial: the report of some runs gives the rows of the table of all runs, and its plots go apart; the
         # main tables get the cells of the complete single-edit runs here (a report of those alone)
-        out = (PARTIAL_PLOTS if partial else Path("docs/report_all")) if protocol == "token_accuracy" else Path(
-            f"/tmp/report_{protocol}")
-        subprocess.run([".venv/bin/hf-knowedit", "report", *runs, "--output", str(out), "--protocol", protocol],
-                       check=True, capture_output=True)
-        text = (out / "report.md").read_text()
-        if out == PARTIAL_PLOTS:
-            (out / "report.md").unlink()  # its tables are those of docs/results.md
+        plots = (PARTIAL_PLOTS if partial else Path("docs/report_all")) if protocol == "token_accuracy" else None
+        text = report(runs, protocol, plots)
         if partial:
             if single_runs := complete_single_runs(runs):  # none here: the main tables stay as they are
-                singles = Path(f"/tmp/report_singles_{protocol}")
-                subprocess.run([".venv/bin/hf-knowedit", "report", *single_runs, "--output", str(singles),
-                                "--protocol", protocol], check=True, capture_output=True)
                 old_main = re.search(rf"<!-- {protocol} -->\n(.*?)<!-- /{protocol} -->", doc, re.S).group(1)
                 tables[protocol] = merge_main_table(
-                    old_main, re.search(r"\| Method \| .*?\n\n", (singles / "report.md").read_text(), re.S).group(0))
+                    old_main, re.search(r"\| Method \| .*?\n\n", report(single_runs, protocol), re.S).group(0))
         else:
-            tables[protocol] = re.search(r"\| Method \| ZsRE.*?\n\n", text, re.S).group(0)
+            tables[protocol] = re.search(r"\| Method \| .*?\n\n", text, re.S).group(0)
         if protocol == "token_accuracy":
             tables["all"] = re.search(r"\| Method \| Dataset \|.*?\n\n(?:† .*?\n\n?)?", text, re.S).group(0)
-            tables["all"] = re.sub(r"`(\.\./)+(work/main/)?runs/", "`runs/", tables["all"])
     gpu_runs = sorted(str(p.parent) for p in Path("runs", "gpu").glob("*/*/summary.json"))
     if gpu_runs and not partial:
-        subprocess.run([".venv/bin/hf-knowedit", "report", *gpu_runs, "--output", "docs/report_gpu"], check=True,
-                       capture_output=True)
+        report(gpu_runs, "token_accuracy", Path("docs/report_gpu"))
     if partial:
         tables["all"] = merge_all_runs(old_all, tables["all"], redoing)
     else:
