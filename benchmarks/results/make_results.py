@@ -24,7 +24,7 @@ import re
 import sys
 from pathlib import Path
 
-from hf_knowedit.evaluation.report import find_summaries, markdown_tables, plot_efficiency, plot_metrics_vs_edits
+from hf_knowedit.evaluation.report import find_summaries, markdown_tables, write_plots
 
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -117,9 +117,7 @@ def report(runs: list[str], protocol: str, plots: Path | None = None) -> str:
     """The tables of `hf-knowedit report` over RUNS (run paths as given) in PROTOCOL; with PLOTS, its plots there."""
     found = find_summaries(runs)
     if plots:
-        plots.mkdir(parents=True, exist_ok=True)
-        plot_metrics_vs_edits(found, plots, protocol)
-        plot_efficiency(found, plots)
+        write_plots(found, plots, protocol)
     return markdown_tables(found, protocol) + "\n"  # as in report.md: a blank line ends its last table
 
 

@@ -338,13 +338,21 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
 
 
+def write_plots(runs: list[tuple[Path, dict]], output_dir: str | os.PathLike,
+                protocol: str = "token_accuracy") -> list[Path]:
+    """Write the PNG plots of `runs` (from `find_summaries`) into `output_dir`: each metric against the number of edits
+    per dataset, and time and memory per run; return the files written."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return plot_metrics_vs_edits(runs, output_dir, protocol) + plot_efficiency(runs, output_dir)
+
+
 def write_report(paths: list[str | os.PathLike], output_dir: str | os.PathLike,
                  protocol: str = "token_accuracy") -> list[Path]:
     """Write `report.md` and the PNG plots of the runs in `paths` into `output_dir`; return the files written."""
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     runs = find_summaries(paths)
-    plots = plot_metrics_vs_edits(runs, output_dir, protocol) + plot_efficiency(runs, output_dir)
+    plots = write_plots(runs, output_dir, protocol)
     text = "# Evaluation report\n\n" + markdown_tables(runs, protocol, relative_to=output_dir) + "\n"
     text += "".join(f"![{p.stem}]({p.name})\n\n" for p in plots)
     report = output_dir / "report.md"
@@ -352,4 +360,6 @@ def write_report(paths: list[str | os.PathLike], output_dir: str | os.PathLike,
     return [report, *plots]
 
 
-__all__ = ["find_summaries", "markdown_tables", "plot_efficiency", "plot_metrics_vs_edits", "write_report"]
+__all__ = [
+    "find_summaries", "markdown_tables", "plot_efficiency", "plot_metrics_vs_edits", "write_plots", "write_report",
+]
