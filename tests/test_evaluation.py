@@ -834,6 +834,10 @@ def test_results_page_rebuilt_by_make_results(runs, tmp_path, monkeypatch):
     main_table = re.search(r"\| Method \| .*?\n\n", fresh, re.S).group(0)
     all_runs = re.search(r"\| Method \| Dataset \|.*?\n\n", fresh, re.S).group(0)
     fresh_rows = make_results.table_rows(all_runs)
+    for run in (single, batch):  # the expected rows are the report's: check their Rel. cells against the summaries
+        reliability = json.loads(Path(run, "summary.json").read_text())["metrics"]["post"]["reliability"][
+            "token_accuracy"]
+        assert fresh_rows[run].split(" | ")[6].startswith(f"{100 * reliability['mean']:.1f} ± ")
     ft, unedited = main_table.strip().splitlines()[2:]  # FT-M's row and the unedited model's
     old_ft = "| FT-M | " + " | ".join(["1.0 ± 0.1"] * (ft.count("|") - 2)) + " |"
     lost_main = old_ft.replace("FT-M", "KN").replace("1.0", "7.0")

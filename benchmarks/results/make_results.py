@@ -121,6 +121,11 @@ def report(runs: list[str], protocol: str, plots: Path | None = None) -> str:
     return markdown_tables(found, protocol) + "\n"  # as in report.md: a blank line ends its last table
 
 
+def first_few(names: list[str], shown: int = 5) -> str:
+    """The first SHOWN names, comma-separated, "..." when there are more, "none" when there are none."""
+    return ", ".join(names[:shown] + ["..."] * (len(names) > shown)) or "none"
+
+
 def main(argv: list[str]):
     partial = "--partial" in argv
     # runs made before their records were kept in git are missing from later checkouts: rebuilding would silently
@@ -134,9 +139,8 @@ def main(argv: list[str]):
     old_all = re.search(r"<!-- all -->\n(.*?)<!-- /all -->", doc, re.S).group(1)
     redoing = being_redone(old_all)  # here part-way: a rebuild would replace a complete run's rows with theirs
     if (missing or redoing) and not partial and "--allow-missing" not in argv:
-        sys.exit(f"{len(missing)} runs named in docs/results.md are not here ({', '.join(missing[:5]) or 'none'}"
-                 f"{', ...' if len(missing) > 5 else ''}) and {len(redoing)} are here part-way, being made again "
-                 f"({', '.join(sorted(redoing)[:5]) or 'none'}{', ...' if len(redoing) > 5 else ''}); "
+        sys.exit(f"{len(missing)} runs named in docs/results.md are not here ({first_few(missing)}) and "
+                 f"{len(redoing)} are here part-way, being made again ({first_few(sorted(redoing))}); "
                  "rebuilding would drop or replace their rows. Fetch or complete them, or pass --partial (keep "
                  "their rows) or --allow-missing (drop them).")
     runs = sorted(str(p.parent) for tag in ("counterfact", "zsre") for p in Path("runs", tag).glob("*/summary.json"))
