@@ -883,6 +883,22 @@ def test_results_page_rebuilt_by_make_results(runs, tmp_path, monkeypatch):
     assert "KN" not in rebuilt and "kn_" not in rebuilt
 
 
+def test_a_run_made_again_part_way_is_told_apart_by_its_old_rows_cases_cell(tmp_path, monkeypatch):
+    """make_results.being_redone: a run here part-way whose old row says a complete run made it ("n/n", with or
+    without refused edits after it) is being made again; one whose old row was part-way too, or that is complete
+    here, is not."""
+    make_results = _make_results_module()
+    monkeypatch.chdir(tmp_path)
+    cells = {"a": ("500/500 (4 refused)", False), "b": ("200/200", False), "c": ("200/500 (1 refused)", False),
+             "d": ("500/500", True)}
+    lines = ["| Method | Dataset | Mode | Batch | Schedule | Cases | Run |", "|---|---|---|---|---|---|---|"]
+    for name, (cases, complete) in cells.items():
+        Path("runs", name).mkdir(parents=True)
+        Path("runs", name, "summary.json").write_text(json.dumps({"complete": complete}))
+        lines.append(f"| T-Patcher | zsre | sequential | 1 | every:100 | {cases} | `runs/{name}` |")
+    assert make_results.being_redone("\n".join(lines) + "\n\n") == {"runs/a", "runs/b"}
+
+
 def test_results_page_rebuilt_from_some_runs_keeps_the_rows_of_the_others():
     """make_results.py --partial: the table of all runs keeps the rows of runs this checkout lacks, replaces those of
     the runs it has, adds new ones, in the report's order (dataset, method, mode, batch, run), and keeps its notes;

@@ -62,8 +62,9 @@ def being_redone(old_all_runs: str) -> frozenset:
     redoing = set()
     for run, line in table_rows(old_all_runs).items():
         summary = Path(run) / "summary.json"
-        cases = [cell.strip() for cell in line.split("|")[1:-1]][5].split("/")
-        if summary.is_file() and cases[0] == cases[-1] and not json.loads(summary.read_text()).get("complete", True):
+        # the cases cell: "done/planned", with " (k refused)" after it where edits were refused
+        done, planned = re.match(r"(\d+)/(\d+)", [cell.strip() for cell in line.split("|")[1:-1]][5]).groups()
+        if summary.is_file() and done == planned and not json.loads(summary.read_text()).get("complete", True):
             redoing.add(run)
     return frozenset(redoing)
 
