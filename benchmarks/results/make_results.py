@@ -50,6 +50,11 @@ def rows_block(match: re.Match, partial: bool = False, redoing: frozenset = froz
     return match.group(0).replace(match.group(2), "\n".join(lines))
 
 
+def cells(line: str) -> list[str]:
+    """The cells of a Markdown table row, stripped."""
+    return [cell.strip() for cell in line.split("|")[1:-1]]
+
+
 def table_rows(table: str) -> dict[str, str]:
     """The rows of a table that end with a run, by run."""
     return {run.group(1): line for line in table.splitlines() if (run := RUN_CELL.search(line))}
@@ -63,7 +68,7 @@ def being_redone(old_all_runs: str) -> frozenset:
     for run, line in table_rows(old_all_runs).items():
         summary = Path(run) / "summary.json"
         # the cases cell: "done/planned", with " (k refused)" after it where edits were refused
-        done, planned = re.match(r"(\d+)/(\d+)", [cell.strip() for cell in line.split("|")[1:-1]][5]).groups()
+        done, planned = re.match(r"(\d+)/(\d+)", cells(line)[5]).groups()
         if summary.is_file() and done == planned and not json.loads(summary.read_text()).get("complete", True):
             redoing.add(run)
     return frozenset(redoing)
@@ -80,14 +85,13 @@ def merge_main_table(old: str, new: str) -> str:
     by NEW's, and NEW's methods that OLD lacks added; the cells NEW leaves empty ("–") are kept."""
     def parse(table):
         lines = table.strip().splitlines()
-        header = [cell.strip() for cell in lines[0].split("|")[1:-1]]
-        return header, {cells[0]: cells for line in lines[2:] if (cells := [c.strip() for c in line.split("|")[1:-1]])}
+        return cells(lines[0]), {row[0]: row for line in lines[2:] if (row := cells(line))}
 
     header, rows = parse(old)
     new_header, new_rows = parse(new)
-    for method, cells in new_rows.items():
+    for method, new_row in new_rows.items():
         row = rows.setdefault(method, [method] + ["–"] * (len(header) - 1))
-        for column, cell in zip(new_header[1:], cells[1:], strict=True):
+        for column, cell in zip(new_header[1:], new_row[1:], strict=True):
             if cell != "–":
                 if column not in header:
                     raise SystemExit(f"The report has a column {column!r} that the main table of docs/results.md "
@@ -105,8 +109,8 @@ def merge_all_runs(old: str, new: str, redoing: frozenset = frozenset()) -> str:
     rows = table_rows
 
     def order(line: str) -> tuple:
-        cells = [cell.strip() for cell in line.split("|")[1:-1]]
-        return cells[1], cells[0], cells[2].rstrip(" †"), int(cells[3]), cells[-1].strip("`")
+        row = cells(line)
+        return row[1], row[0], row[2].rstrip(" †"), int(row[3]), row[-1].strip("`")
 
     merged = rows(old) | {run: line for run, line in rows(new).items() if run not in redoing}
     head = new.splitlines()[:2]
