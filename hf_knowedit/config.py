@@ -5,8 +5,11 @@ Every method is a dataclass subclass of :class:`EditConfig` plus an editor class
 """
 
 import dataclasses
+import functools
 import json
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -49,6 +52,10 @@ class EditConfig:
     revision: str | None = field(default=None, metadata={"help": "The base model's revision, when known."})
 
     def __post_init__(self):
+        for name in _float_field_names(type(self)):  # 1 and 1.0 alike in saved configs, labels and comparisons
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, name, float(value))
         if self.layers is not None:
             if isinstance(self.layers, int):
                 self.layers = [self.layers]
@@ -162,6 +169,18 @@ def register_edit_method(name: str, config_cls: type[EditConfig], editor_cls: ty
     EDIT_METHODS[name] = (config_cls, editor_cls)
 
 
+@functools.cache
+def _float_field_names(config_cls: type) -> tuple[str, ...]:
+    """The fields of `config_cls` typed `float` or `float | None` (not also `int`): an int given for one is stored
+    as a float."""
+    names = []
+    for f in dataclasses.fields(config_cls):
+        kinds = typing.get_args(f.type) if isinstance(f.type, types.UnionType) else (f.type,)
+        if float in kinds and int not in kinds:
+            names.append(f.name)
+    return tuple(names)
+
+
 def get_config_class(edit_type: str) -> type[EditConfig]:
     return _lookup(edit_type)[0]
 
@@ -181,22 +200,27 @@ def _lookup(edit_type: str):
 
 def with_default_fields(edit_type, data, leave_out: tuple[str, ...] = ()):
     """A stored config dict of `edit_type` with the fields its config class gained since it was stored, at their
-    defaults (none of `leave_out`): what a config written by an older version means to this one. Anything that is
-    not a dict of a registered method comes back as it is.
+    defaults (none of `leave_out`), and an int stored for a float field as that float: what a config written by an
+    older version means to this one. Anything that is not a dict of a registered method comes back as it is.
 
     >>> with_default_fields("kn", {"steps": 4})["layers_per_pass"]
     8
+    >>> with_default_fields("ft", {"lr": 1})["lr"]
+    1.0
     """
     if not isinstance(data, dict) or not isinstance(edit_type, str) or edit_type not in EDIT_METHODS:
         return data
+    config_cls = get_config_class(edit_type)
     added = {}
-    for spec in dataclasses.fields(get_config_class(edit_type)):
+    for spec in dataclasses.fields(config_cls):
         if spec.init and spec.name not in data and spec.name not in leave_out:
             if spec.default is not dataclasses.MISSING:
                 added[spec.name] = spec.default
             elif spec.default_factory is not dataclasses.MISSING:
                 added[spec.name] = spec.default_factory()
-    return {**added, **data}
+    floats = {name: float(data[name]) for name in _float_field_names(config_cls)
+              if isinstance(data.get(name), int) and not isinstance(data[name], bool)}
+    return {**added, **data, **floats}
 
 
 def build_config(

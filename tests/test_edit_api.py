@@ -426,6 +426,21 @@ def test_config_validation():
     assert FTConfig(variant="ft_l").norm_constraint == 5e-4 and FTConfig().norm_constraint is None
 
 
+def test_an_int_given_for_a_float_field_is_stored_as_a_float():
+    """`--set lr=1` or `"lr": 1` in a JSON file gives the config that 1.0 gives: same saved JSON and run labels."""
+    from hf_knowedit.config import build_config
+
+    cases = [("ft", {"lr": 1, "norm_constraint": 2}), ("tpatcher", {"key_scale": 40, "max_value_scale": 4})]
+    for method, overrides in cases:
+        config = build_config(method, overrides=overrides)
+        for key, value in overrides.items():
+            assert type(getattr(config, key)) is float and getattr(config, key) == value
+            assert type(config.to_dict()[key]) is float
+    assert type(FTConfig(num_steps=3).num_steps) is int  # int fields stay ints
+    with pytest.raises(EditConfigError, match="key_scale"):
+        build_config("tpatcher", overrides={"key_scale": True})  # a bool is not a number here
+
+
 def test_huge_learning_rate_fails_cleanly():
     """On GPT-2, FT with an absurd learning rate overflows to NaN: the edit is refused, the model untouched."""
     edited = edited_tiny("gpt2")

@@ -758,6 +758,19 @@ def test_a_config_field_added_after_a_run_at_its_default_tells_no_runs_apart():
     assert config_variant_names(runs) == ["KN (layers_per_pass=8)", "KN (layers_per_pass=8)", "KN (layers_per_pass=2)"]
 
 
+def test_an_int_stored_for_a_float_field_tells_no_runs_apart():
+    """A run whose config file said `"attribution_threshold": 1` and one that said 1.0 ran the same config."""
+    def summary(path, threshold):
+        config = {"steps": 20, "attribution_threshold": threshold}
+        return Path(path), {**_table_summary("KN", 5, 0.1), "method": "kn", "method_config": config}
+
+    runs = [summary("runs/kn_int", 1), summary("runs/kn_float", 1.0)]
+    assert config_variant_names(runs) == ["KN", "KN"]
+    runs.append(summary("runs/kn_other", 0.2))
+    assert config_variant_names(runs) == ["KN (attribution_threshold=1.0)", "KN (attribution_threshold=1.0)",
+                                          "KN (attribution_threshold=0.2)"]
+
+
 def test_unedited_row_comes_from_the_run_with_the_most_cases():
     runs = [(Path("runs/a"), _table_summary("A", 25, 0.10)), (Path("runs/b"), _table_summary("B", 200, 0.25))]
     table = markdown_tables(runs)
