@@ -55,7 +55,12 @@ class EditConfig:
         for name in _float_field_names(type(self)):  # 1 and 1.0 alike in saved configs, labels and comparisons
             value = getattr(self, name)
             if isinstance(value, int) and not isinstance(value, bool):
-                setattr(self, name, float(value))
+                try:
+                    setattr(self, name, float(value))
+                except OverflowError:
+                    raise EditConfigError(
+                        f"{type(self).__name__}.{name} is too large for a float (about 2**{value.bit_length()})."
+                    ) from None
         if self.layers is not None:
             if isinstance(self.layers, int):
                 self.layers = [self.layers]

@@ -439,6 +439,8 @@ def test_an_int_given_for_a_float_field_is_stored_as_a_float():
     assert type(FTConfig(num_steps=3).num_steps) is int  # int fields stay ints
     with pytest.raises(EditConfigError, match="key_scale"):
         build_config("tpatcher", overrides={"key_scale": True})  # a bool is not a number here
+    with pytest.raises(EditConfigError, match="lr is too large for a float"):
+        FTConfig(lr=10**400)
 
 
 def test_huge_learning_rate_fails_cleanly():
