@@ -52,15 +52,8 @@ class EditConfig:
     revision: str | None = field(default=None, metadata={"help": "The base model's revision, when known."})
 
     def __post_init__(self):
-        for name in _float_field_names(type(self)):  # 1 and 1.0 alike in saved configs, labels and comparisons
-            value = getattr(self, name)
-            if isinstance(value, int) and not isinstance(value, bool):
-                try:
-                    setattr(self, name, float(value))
-                except OverflowError:
-                    raise EditConfigError(
-                        f"{type(self).__name__}.{name} is too large for a float (about 2**{value.bit_length()})."
-                    ) from None
+        for name, value in _ints_as_floats(type(self), vars(self)).items():  # 1 and 1.0 alike in saved configs
+            setattr(self, name, value)
         if self.layers is not None:
             if isinstance(self.layers, int):
                 self.layers = [self.layers]
@@ -176,14 +169,29 @@ def register_edit_method(name: str, config_cls: type[EditConfig], editor_cls: ty
 
 @functools.cache
 def _float_field_names(config_cls: type) -> tuple[str, ...]:
-    """The fields of `config_cls` typed `float` or `float | None` (not also `int`): an int given for one is stored
-    as a float."""
+    """The fields of `config_cls` typed `float` or `float | None` (not also `int`)."""
     names = []
     for f in dataclasses.fields(config_cls):
         kinds = typing.get_args(f.type) if isinstance(f.type, types.UnionType) else (f.type,)
         if float in kinds and int not in kinds:
             names.append(f.name)
     return tuple(names)
+
+
+def _ints_as_floats(config_cls: type, values: dict[str, Any]) -> dict[str, float]:
+    """The ints of `values` given for float fields of `config_cls`, as floats (labels, saved configs and comparisons
+    then read 1 and 1.0 alike)."""
+    floats = {}
+    for name in _float_field_names(config_cls):
+        value = values.get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            try:
+                floats[name] = float(value)
+            except OverflowError:
+                raise EditConfigError(
+                    f"{config_cls.__name__}.{name} is too large for a float (about 2**{value.bit_length()})."
+                ) from None
+    return floats
 
 
 def get_config_class(edit_type: str) -> type[EditConfig]:
@@ -223,9 +231,7 @@ def with_default_fields(edit_type, data, leave_out: tuple[str, ...] = ()):
                 added[spec.name] = spec.default
             elif spec.default_factory is not dataclasses.MISSING:
                 added[spec.name] = spec.default_factory()
-    floats = {name: float(data[name]) for name in _float_field_names(config_cls)
-              if isinstance(data.get(name), int) and not isinstance(data[name], bool)}
-    return {**added, **data, **floats}
+    return {**added, **data, **_ints_as_floats(config_cls, data)}
 
 
 def build_config(
