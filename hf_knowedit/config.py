@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import json
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -169,10 +170,20 @@ def register_edit_method(name: str, config_cls: type[EditConfig], editor_cls: ty
 
 @functools.cache
 def _float_field_names(config_cls: type) -> tuple[str, ...]:
-    """The fields of `config_cls` typed `float` or `float | None` (not also `int`)."""
+    """The fields of `config_cls` typed `float`, `float | None` or `Optional[float]` (not also `int`). String
+    annotations (a module with `from __future__ import annotations`) are resolved in the class's module; a field whose
+    annotation names something defined only for type checkers is not a float field."""
+    namespace = vars(sys.modules[config_cls.__module__]) if config_cls.__module__ in sys.modules else {}
     names = []
     for f in dataclasses.fields(config_cls):
-        kinds = typing.get_args(f.type) if isinstance(f.type, types.UnionType) else (f.type,)
+        hint = f.type
+        if isinstance(hint, str):
+            try:
+                hint = eval(hint, dict(namespace))  # what typing.get_type_hints does, one field at a time
+            except Exception:  # noqa: BLE001 - a name imported under TYPE_CHECKING only: not a float field
+                continue
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        kinds = typing.get_args(hint) if union else (hint,)
         if float in kinds and int not in kinds:
             names.append(f.name)
     return tuple(names)

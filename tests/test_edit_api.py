@@ -443,6 +443,37 @@ def test_an_int_given_for_a_float_field_is_stored_as_a_float():
         FTConfig(lr=10**400)
 
 
+def test_string_annotations_of_an_outside_config_still_turn_ints_into_floats(tmp_path, monkeypatch):
+    """A config class from a module with `from __future__ import annotations` has string field types; its float
+    fields (`float`, `float | None`, `Optional[float]`) store ints as floats all the same, its int fields stay ints,
+    and a field typed with a name imported for type checkers only is left as given."""
+    (tmp_path / "outside_method.py").write_text(
+        "from __future__ import annotations\n"
+        "from dataclasses import dataclass\n"
+        "from typing import TYPE_CHECKING, ClassVar, Optional\n"
+        "from hf_knowedit import EditConfig\n"
+        "if TYPE_CHECKING:\n"
+        "    from decimal import Decimal\n\n"
+        "@dataclass\n"
+        "class OutsideConfig(EditConfig):\n"
+        "    edit_type: ClassVar[str] = 'outside'\n"
+        "    scale: float = 0.5\n"
+        "    cap: float | None = None\n"
+        "    floor: Optional[float] = None\n"
+        "    steps: int = 2\n"
+        "    ratio: int | float = 1\n"
+        "    exact: Decimal | None = None\n"  # a name type checkers see, not the module: not a float field
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from outside_method import OutsideConfig
+
+    config = OutsideConfig(scale=2, cap=3, floor=4, steps=5, ratio=6, exact=7)
+    assert [type(getattr(config, key)) for key in ("scale", "cap", "floor", "steps", "ratio", "exact")] == [
+        float, float, float, int, int, int
+    ]
+    assert config.to_dict()["scale"] == 2.0 and type(config.to_dict()["scale"]) is float
+
+
 def test_huge_learning_rate_fails_cleanly():
     """On GPT-2, FT with an absurd learning rate overflows to NaN: the edit is refused, the model untouched."""
     edited = edited_tiny("gpt2")
