@@ -914,8 +914,8 @@ def test_a_run_made_again_part_way_is_told_apart_by_its_old_rows_cases_cell(tmp_
 
 def test_results_page_rebuilt_from_some_runs_keeps_the_rows_of_the_others():
     """make_results.py --partial: the table of all runs keeps the rows of runs this checkout lacks, replaces those of
-    the runs it has, adds new ones, in the report's order (dataset, method, mode, batch, run), and keeps its notes;
-    the main tables take the cells of the single-edit runs it has and keep the others."""
+    the runs it has, adds new ones, in the report's order (dataset, method, mode, batch, run), and keeps its † note
+    while a row is marked †; the main tables take the cells of the single-edit runs it has and keep the others."""
     make_results = _make_results_module()
     head = "| Method | Dataset | Mode | Batch | Run |\n|---|---|---|---|---|\n"
     old = head + ("| ROME | cf | single † | 1 | `runs/cf/rome_single` |\n"
@@ -930,6 +930,10 @@ def test_results_page_rebuilt_from_some_runs_keeps_the_rows_of_the_others():
                              "| SERAC | cf | sequential † | 1 | `runs/cf/serac_seq` |\n"
                              "| GRACE | zs | sequential | 1 | `runs/zs/grace_seq` |\n"
                              "| SERAC | zs | batch | 10 | `runs/zs/serac_b10` |\n\n† note\n\n")
+    # once no row it keeps is marked †, its note goes too
+    new = head + ("| ROME | cf | single | 1 | `runs/cf/rome_single` |\n"
+                  "| SERAC | cf | sequential | 1 | `runs/cf/serac_seq` |\n\n")
+    assert make_results.merge_all_runs(old, new).endswith("| SERAC | zs | batch | 10 | `runs/zs/serac_b10` |\n\n")
     # the main tables: the cells of the single-edit runs here replace the old ones, the others are kept
     head = "| Method | zs Rel. | zs Loc. | cf Rel. | cf Loc. |\n|---|---|---|---|---|\n"
     old = head + "| KN | 1 | 2 | 3 | 4 |\n| ROME | 5 | 6 | 7 | 8 |\n| *unedited model* | 9 | – | 10 | – |\n\n"

@@ -105,7 +105,8 @@ def merge_main_table(old: str, new: str) -> str:
 
 def merge_all_runs(old: str, new: str, redoing: frozenset = frozenset()) -> str:
     """The table of all runs OLD with the rows of NEW (the runs here) replacing or joining its rows, but not those of
-    REDOING, in the report's order (dataset, method, mode, batch size, then run)."""
+    REDOING, in the report's order (dataset, method, mode, batch size, then run), and the † note under it while a
+    row it keeps is marked †."""
     rows = table_rows
 
     def order(line: str) -> tuple:
@@ -114,8 +115,9 @@ def merge_all_runs(old: str, new: str, redoing: frozenset = frozenset()) -> str:
 
     merged = rows(old) | {run: line for run, line in rows(new).items() if run not in redoing}
     head = new.splitlines()[:2]
-    notes = new.split("\n\n", 1)[1] if "\n\n" in new.strip() else old.split("\n\n", 1)[1]
-    return "\n".join(head + sorted(merged.values(), key=order)) + "\n\n" + notes
+    notes = [table.split("\n\n", 1)[1] for table in (new, old) if "\n\n" in table.strip()]
+    marked = any(cells(line)[2].endswith("†") for line in merged.values())
+    return "\n".join(head + sorted(merged.values(), key=order)) + "\n\n" + (notes[0] if marked and notes else "")
 
 
 def report(runs: list[str], protocol: str, plots: Path | None = None) -> str:
