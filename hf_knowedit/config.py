@@ -171,15 +171,16 @@ def register_edit_method(name: str, config_cls: type[EditConfig], editor_cls: ty
 @functools.cache
 def _float_field_names(config_cls: type) -> tuple[str, ...]:
     """The fields of `config_cls` typed `float`, `float | None` or `Optional[float]` (not also `int`). String
-    annotations (a module with `from __future__ import annotations`) are resolved in the class's module; a field whose
-    annotation names something defined only for type checkers is not a float field."""
-    namespace = vars(sys.modules[config_cls.__module__]) if config_cls.__module__ in sys.modules else {}
+    annotations (a module with `from __future__ import annotations`) are resolved in the module of the class that
+    declares the field; a field whose annotation names something defined only for type checkers is not a float
+    field."""
     names = []
     for f in dataclasses.fields(config_cls):
         hint = f.type
         if isinstance(hint, str):
-            try:
-                hint = eval(hint, dict(namespace))  # what typing.get_type_hints does, one field at a time
+            owner = next(c for c in config_cls.__mro__ if f.name in vars(c).get("__annotations__", {}))
+            try:  # as typing.get_type_hints does, one field at a time: one unresolvable name spoils no other field
+                hint = eval(hint, dict(vars(sys.modules[owner.__module__])))
             except Exception:  # noqa: BLE001 - a name imported under TYPE_CHECKING only: not a float field
                 continue
         union = typing.get_origin(hint) in (typing.Union, types.UnionType)

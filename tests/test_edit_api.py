@@ -446,7 +446,8 @@ def test_an_int_given_for_a_float_field_is_stored_as_a_float():
 def test_string_annotations_of_an_outside_config_still_turn_ints_into_floats(tmp_path, monkeypatch):
     """A config class from a module with `from __future__ import annotations` has string field types; its float
     fields (`float`, `float | None`, `Optional[float]`) store ints as floats all the same, its int fields stay ints,
-    and a field typed with a name imported for type checkers only is left as given."""
+    also in a subclass written elsewhere, and a field typed with a name imported for type checkers only is left as
+    given."""
     (tmp_path / "outside_method.py").write_text(
         "from __future__ import annotations\n"
         "from dataclasses import dataclass\n"
@@ -464,8 +465,21 @@ def test_string_annotations_of_an_outside_config_still_turn_ints_into_floats(tmp
         "    ratio: int | float = 1\n"
         "    exact: Decimal | None = None\n"  # a name type checkers see, not the module: not a float field
     )
+    # a subclass in a module that does not import Optional: the inherited field resolves in its parent's module
+    (tmp_path / "outside_child.py").write_text(
+        "from __future__ import annotations\n"
+        "from dataclasses import dataclass\n"
+        "from outside_method import OutsideConfig\n\n"
+        "@dataclass\n"
+        "class ChildConfig(OutsideConfig):\n"
+        "    extra: float = 0.0\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
+    from outside_child import ChildConfig
     from outside_method import OutsideConfig
+
+    child = ChildConfig(floor=4, extra=1)
+    assert type(child.floor) is float and type(child.extra) is float
 
     config = OutsideConfig(scale=2, cap=3, floor=4, steps=5, ratio=6, exact=7)
     assert [type(getattr(config, key)) for key in ("scale", "cap", "floor", "steps", "ratio", "exact")] == [
