@@ -4,6 +4,7 @@ import argparse
 import hashlib
 import importlib.util
 import json
+import logging
 import re
 import shutil
 from dataclasses import replace
@@ -173,6 +174,20 @@ def test_resume_extends_and_recovers_without_redoing_cases(dataset, tmp_path):
     records = {r["index"]: r for r in _records(output)}
     assert sorted(records) == [0, 1, 2, 3, 4] and summary["complete"]
     assert all(records[i] == first[i] for i in range(3))
+
+
+def test_a_smaller_n_describes_the_first_cases_and_says_so(dataset, tmp_path, caplog):
+    output = tmp_path / "run"
+    whole = _run(_settings(dataset, n=4), output)
+    with caplog.at_level(logging.WARNING, logger="hf_knowedit"):
+        first = _run(_settings(dataset, n=2), output)
+    assert "was made with n=4" in caplog.text and "n=4 describes them again" in caplog.text
+    assert first["num_completed"] == 2 and len(_records(output)) == 4
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_knowedit"):
+        again = _run(_settings(dataset, n=4), output)  # growing n again: nothing to warn about
+    assert "was made with n=" not in caplog.text
+    assert again["num_completed"] == 4 and again["metrics"] == whole["metrics"]
 
 
 def test_resume_sequential_immediate(dataset, tmp_path):

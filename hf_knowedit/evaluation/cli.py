@@ -13,9 +13,10 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
         help="Evaluate an editing method on a dataset (single, batch or sequential editing).",
         description="Score the untouched model, edit it case by case, in batches or sequentially, score it again, "
         "and write per-case records (results.jsonl) and a summary (summary.json) into --output. A run into a "
-        "directory that holds an interrupted run with the same settings resumes it. Under `accelerate launch "
-        "--multi_gpu --num_processes N` (or torchrun) the cases are split between the processes and the main process "
-        "writes the output.",
+        "directory that holds an interrupted run with the same settings resumes it; in single and batch modes --n may "
+        "grow there (a smaller --n summarizes the first n cases and keeps the others' records). Under `accelerate "
+        "launch --multi_gpu --num_processes N` (or torchrun) the cases are split between the processes and the main "
+        "process writes the output.",
     )
     parser.add_argument("--method", default=None, help="Registered method name, e.g. 'ft' (default: the config's).")
     parser.add_argument("--config", default=None, help="JSON file (or artifact folder) with the method's config.")
