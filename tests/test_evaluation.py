@@ -997,4 +997,7 @@ def test_efficiency_bars_name_runs_made_on_a_gpu(tmp_path):
     cpu["environment"] = {"device": "cpu"}
     runs = [(tmp_path / "a", cpu), (tmp_path / "b", gpu), (tmp_path / "c", {**gpu, "method_label": "MEMIT"})]
     assert efficiency_names(runs) == ["ROME cf sin b1", "ROME cf sin b1 GPU", "MEMIT cf sin b1 GPU"]
+    named = [(tmp_path / "d", {**cpu, "dataset_name": "counterfact-edit"}),
+             (tmp_path / "e", {**cpu, "dataset_name": "a-dataset-file-with-a-long-name"})]
+    assert efficiency_names(named) == ["ROME counterfact-edit sin b1", "ROME a-dataset-file-with… sin b1"]
     assert [p.name for p in plot_efficiency(runs, tmp_path)] == ["efficiency.png"]

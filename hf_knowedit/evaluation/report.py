@@ -299,7 +299,7 @@ def ran_on_gpu(summary: dict) -> bool:
 def efficiency_names(runs: list[tuple[Path, dict]]) -> list[str]:
     """The bar names of the efficiency plot: method, dataset, mode and batch size, "GPU" for a run made on a GPU (its
     timings are not comparable with a CPU run's), and what tells apart runs that would still share a name."""
-    return _distinct_names(runs, lambda s: f"{s['method_label']} {s['dataset_name'][:12]} {s['mode'][:3]} "
+    return _distinct_names(runs, lambda s: f"{s['method_label']} {_short(s['dataset_name'], 20)} {s['mode'][:3]} "
                                            f"b{s['batch_size']}{' GPU' if ran_on_gpu(s) else ''}",
                            lambda d, s: str(d))
 
