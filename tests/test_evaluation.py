@@ -44,6 +44,7 @@ from hf_knowedit.evaluation.report import (
     markdown_tables,
     plot_efficiency,
     plot_metrics_vs_edits,
+    series_colour,
     write_report,
 )
 from hf_knowedit.locate.base import check_consistent_requests
@@ -987,6 +988,13 @@ def test_gpu_rows_compare_with_the_cpu_run_on_the_same_cases(runs, tmp_path, mon
     assert summary_rows.row("gpu", "FT", str(gpu)).split(" | ")[-4:-2] == ["–", "–"]
     with pytest.raises(ValueError, match="not run on a GPU"):
         summary_rows.row("gpu", "FT", str(cpu))
+
+
+def test_the_series_of_a_plot_take_ten_strong_hues_before_any_light_shade():
+    colours = [series_colour(i) for i in range(20)]
+    assert sorted(colours) == list(range(20))  # twenty series, twenty colours
+    assert [c // 2 for c in colours[:10]] == list(range(10)) and all(c % 2 == 0 for c in colours[:10])
+    assert series_colour(20) == series_colour(0)  # then the markers tell them apart
 
 
 def test_efficiency_bars_name_runs_made_on_a_gpu(tmp_path):

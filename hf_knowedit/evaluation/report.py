@@ -235,6 +235,12 @@ def _short(value, width: int = 28) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def series_colour(index: int) -> int:
+    """The tab20 colour of the `index`-th series of a plot: the ten strong hues first, then their light shades (tab20
+    lists each strong hue next to its light shade, which two neighbouring series could hardly be told apart by)."""
+    return (2 * index) % 20 + (index // 10) % 2
+
+
 def plot_metrics_vs_edits(runs: list[tuple[Path, dict]], output_dir: Path, protocol: str = "token_accuracy"):
     """One PNG per dataset: each metric against the number of edits, a line per method and mode."""
     import matplotlib
@@ -255,7 +261,8 @@ def plot_metrics_vs_edits(runs: list[tuple[Path, dict]], output_dir: Path, proto
             selected, lambda s: f"{s['method_label']} {s['mode'] if s['mode'] != 'single' else 'batch'}", _series_key)
         names = sorted(set(run_names))
         colours = plt.get_cmap("tab20")
-        styles = {name: dict(color=colours(i % 20), marker="os^Dv"[i // 20 % 5]) for i, name in enumerate(names)}
+        styles = {name: dict(color=colours(series_colour(i)), marker="os^Dv"[i // 20 % 5])
+                  for i, name in enumerate(names)}
         for ax, (metric, label) in zip(axes[0], metrics):
             series: dict[str, list[tuple[int, float]]] = {}
             for summary, name in zip(subset, run_names):
