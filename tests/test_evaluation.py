@@ -990,6 +990,31 @@ def test_gpu_rows_compare_with_the_cpu_run_on_the_same_cases(runs, tmp_path, mon
         summary_rows.row("gpu", "FT", str(cpu))
 
 
+def _png_size(path):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.size
+
+
+def test_plots_make_room_for_many_and_long_names(tmp_path):
+    """The legend of a metrics plot goes under the plots, in columns, and is in the image; the efficiency plot's bars
+    keep their width beside long run names."""
+    def runs(count, name):
+        return [(tmp_path / f"r{i}", {**_table_summary(f"{name}{i}", 5, 0.1), "mode": "batch", "batch_size": 10})
+                for i in range(count)]
+
+    for name in ("few", "many", "long"):
+        (tmp_path / name).mkdir()
+    (few,) = plot_metrics_vs_edits(runs(2, "M"), tmp_path / "few")
+    (many,) = plot_metrics_vs_edits(runs(30, "M"), tmp_path / "many")
+    (long,) = plot_metrics_vs_edits(runs(30, "M" * 120), tmp_path / "long")
+    assert _png_size(few)[1] < _png_size(many)[1] < _png_size(long)[1]  # 30 short names in columns, long in one
+    (short_bars,) = plot_efficiency(runs(3, "M"), tmp_path / "few")
+    (long_bars,) = plot_efficiency(runs(3, "M" * 120), tmp_path / "long")
+    assert _png_size(long_bars)[0] > _png_size(short_bars)[0] + 110 * 0.05 * 100  # the names' width is added
+
+
 def test_the_series_of_a_plot_take_ten_strong_hues_before_any_light_shade():
     colours = [series_colour(i) for i in range(20)]
     assert sorted(colours) == list(range(20))  # twenty series, twenty colours

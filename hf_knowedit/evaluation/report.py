@@ -235,6 +235,20 @@ def _short(value, width: int = 28) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _legend_below(fig, entries: list[tuple]) -> None:
+    """A legend of `entries` (handle, name) under the plots of `fig`, in as many columns as fit its width (each column
+    as wide as its longest name); `savefig(bbox_inches="tight")` takes it into the image."""
+    renderer = fig.canvas.get_renderer()
+    width = fig.get_figwidth() * fig.dpi
+    handles, names = [h for h, _ in entries], [n for _, n in entries]
+    for columns in range(min(len(names), 6), 0, -1):
+        legend = fig.legend(handles, names, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=columns,
+                            frameon=False)
+        if columns == 1 or legend.get_window_extent(renderer).width <= width:
+            return
+        legend.remove()
+
+
 def series_colour(index: int) -> int:
     """The tab20 colour of the `index`-th series of a plot: the ten strong hues first, then their light shades (tab20
     lists each strong hue next to its light shade, which two neighbouring series could hardly be told apart by)."""
@@ -287,12 +301,11 @@ def plot_metrics_vs_edits(runs: list[tuple[Path, dict]], output_dir: Path, proto
             ax.set_title(label if metric == "fluency" else f"{label} ({protocol})", fontsize=9)
             ax.grid(alpha=0.3)
         handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines()}
-        fig.legend([handles[n] for n in names if n in handles], [n for n in names if n in handles], fontsize=7,
-                   loc="center right")
         fig.suptitle(f"{dataset}: x = batch size (batch runs) or edits applied so far (sequential runs)", fontsize=10)
-        fig.tight_layout(rect=(0, 0, 1 - 2.0 / fig.get_figwidth(), 1))
+        fig.tight_layout()
+        _legend_below(fig, [(handles[n], n) for n in names if n in handles])
         path = output_dir / f"metrics_vs_edits_{_slug(dataset)}.png"
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
         files.append(path)
     return files
@@ -325,18 +338,25 @@ def plot_efficiency(runs: list[tuple[Path, dict]], output_dir: Path):
             for name, (_, s) in zip(names, timed)]
     if not rows:
         return []
-    fig, axes = plt.subplots(1, 2, figsize=(10, 0.35 * len(rows) + 1.5))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.25 * len(rows) + 1.2), sharey=True)
     labels = [r[0] for r in rows]
     axes[0].barh(labels, [r[1] for r in rows])
     axes[0].set_xlabel("edit seconds per case")
     axes[1].barh(labels, [r[2] for r in rows])
     axes[1].set_xlabel("peak memory, GB (CUDA allocated, else process RSS)")
-    axes[1].set_yticklabels([])
+    axes[1].tick_params(axis="y", labelleft=False)
     for ax in axes:
         ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
+        ax.set_ylim(-0.7, len(rows) - 0.3)
+    # the names take their own width left of the bars, which keep theirs however long the names are
+    renderer = fig.canvas.get_renderer()
+    names_width = max(t.get_window_extent(renderer).width for t in axes[0].get_yticklabels()) / fig.dpi + 0.2
+    width, height = fig.get_figwidth() + names_width, fig.get_figheight()
+    fig.set_figwidth(width)
+    fig.subplots_adjust(left=(names_width + 0.1) / width, right=1 - 0.2 / width, bottom=0.55 / height,
+                        top=1 - 0.15 / height, wspace=0.08)
     path = output_dir / "efficiency.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return [path]
 
