@@ -510,12 +510,14 @@ def _prepare_output(output_dir: Path, settings: EvaluationSettings, overwrite: b
                 f"The output directory {str(output_dir)!r} holds a run with other settings ({'; '.join(details)}). "
                 "Use another directory, or overwrite=True (--overwrite) to delete that run."
             )
-        stored_n = stored.get("n")
-        if (not overwrite and settings.mode != "sequential" and isinstance(stored_n, int)
-                and settings.n < stored_n):
-            logger.warning("The run in %s was made with n=%d; with n=%d its summary.json and settings.json will "
-                           "describe the first %d cases only (results.jsonl keeps all %d: n=%d describes them again "
-                           "without recomputing).", output_dir, stored_n, settings.n, settings.n, stored_n, stored_n)
+        stored_n = stored.get("n")  # None: every case after the offset
+        if (not overwrite and settings.mode != "sequential" and settings.n is not None
+                and (stored_n is None or (isinstance(stored_n, int) and settings.n < stored_n))):
+            there = "every case (n not given)" if stored_n is None else f"n={stored_n}"
+            logger.warning("The run in %s was made with %s; with n=%d its summary.json and settings.json will "
+                           "describe the first %d cases only (results.jsonl keeps the others: %s describes them all "
+                           "again without recomputing).", output_dir, there, settings.n, settings.n,
+                           "no n" if stored_n is None else f"n={stored_n}")
     if overwrite:
         for name in (SETTINGS_NAME, PRE_NAME, RESULTS_NAME, CURVE_NAME, SUMMARY_NAME):
             (output_dir / name).unlink(missing_ok=True)
