@@ -510,14 +510,14 @@ def _prepare_output(output_dir: Path, settings: EvaluationSettings, overwrite: b
                 f"The output directory {str(output_dir)!r} holds a run with other settings ({'; '.join(details)}). "
                 "Use another directory, or overwrite=True (--overwrite) to delete that run."
             )
-        stored_n = stored.get("n")  # None: every case after the offset
-        if (not overwrite and settings.mode != "sequential" and settings.n is not None
-                and (stored_n is None or (isinstance(stored_n, int) and settings.n < stored_n))):
-            there = "every case (n not given)" if stored_n is None else f"n={stored_n}"
-            logger.warning("The run in %s was made with %s; with n=%d its summary.json and settings.json will "
-                           "describe the first %d cases only (results.jsonl keeps the others: %s describes them all "
-                           "again without recomputing).", output_dir, there, settings.n, settings.n,
-                           "no n" if stored_n is None else f"n={stored_n}")
+        recorded_cases = _count_lines(output_dir / RESULTS_NAME)
+        if not overwrite and settings.mode != "sequential" and settings.n is not None and recorded_cases > settings.n:
+            stored_n = stored.get("n")  # None: every case after the offset
+            whole = "no --n" if stored_n is None else f"n={stored_n}"
+            logger.warning("The run in %s holds %d scored cases (made with %s); with n=%d its summary.json and "
+                           "settings.json will describe the first %d only (results.jsonl keeps the others: %s "
+                           "describes them all again without recomputing).", output_dir, recorded_cases, whole,
+                           settings.n, settings.n, whole)
     if overwrite:
         for name in (SETTINGS_NAME, PRE_NAME, RESULTS_NAME, CURVE_NAME, SUMMARY_NAME):
             (output_dir / name).unlink(missing_ok=True)
@@ -542,6 +542,14 @@ def _reconcile_file(label: str, there: dict, now: dict, key: str, stored_sha256:
     if stored_sha256 is not None and stored_sha256 != sha256:
         return f"{label}: the file {now[key]!r} changed (SHA-256 {stored_sha256[:12]}... there, {sha256[:12]}... now)"
     return None
+
+
+def _count_lines(path: Path) -> int:
+    """The number of non-empty lines of `path` (0 when it does not exist)."""
+    if not path.is_file():
+        return 0
+    with path.open(encoding="utf-8") as lines:
+        return sum(1 for line in lines if line.strip())
 
 
 def _holds_edits(output_dir: Path) -> bool:
