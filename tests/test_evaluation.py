@@ -182,24 +182,18 @@ def test_a_smaller_n_describes_the_first_cases_and_says_so(dataset, tmp_path, ca
     whole = _run(_settings(dataset, n=4), output)
     with caplog.at_level(logging.WARNING, logger="hf_knowedit"):
         first = _run(_settings(dataset, n=2), output)
-    assert "holds 4 scored cases (made with n=4)" in caplog.text and "n=4 describes them all again" in caplog.text
+    assert "holds 2 scored cases beyond the 2 selected now" in caplog.text and "--n 4 describes them all" in caplog.text
     assert first["num_completed"] == 2 and len(_records(output)) == 4
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="hf_knowedit"):
         again = _run(_settings(dataset, n=4), output)  # growing n again: nothing to warn about
-    assert "scored cases" not in caplog.text
+        everything = _run(_settings(dataset, n=None), output)  # every case of the file
+        _run(_settings(dataset, n=everything["num_cases"]), output)  # as many as there are: nothing left out
+    assert "scored cases beyond" not in caplog.text
     assert again["num_completed"] == 4 and again["metrics"] == whole["metrics"]
-    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="hf_knowedit"):
-        _run(_settings(dataset, n=None), output)  # every case of the file: more, not fewer
-        assert "scored cases" not in caplog.text
-        _run(_settings(dataset, n=4), output)
-    assert "(made with no --n)" in caplog.text and "no --n describes them all" in caplog.text
-    _run(_settings(dataset, n=None), output)
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="hf_knowedit"):
-        _run(_settings(dataset, n=len(_records(output))), output)  # as many as there are: nothing left out
-    assert "scored cases" not in caplog.text
+        _run(_settings(dataset, n=3), output)
+    assert f"--n {everything['num_cases']} describes them all" in caplog.text
 
 
 def test_resume_sequential_immediate(dataset, tmp_path):

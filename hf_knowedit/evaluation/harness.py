@@ -510,14 +510,6 @@ def _prepare_output(output_dir: Path, settings: EvaluationSettings, overwrite: b
                 f"The output directory {str(output_dir)!r} holds a run with other settings ({'; '.join(details)}). "
                 "Use another directory, or overwrite=True (--overwrite) to delete that run."
             )
-        recorded_cases = _count_lines(output_dir / RESULTS_NAME)
-        if not overwrite and settings.mode != "sequential" and settings.n is not None and recorded_cases > settings.n:
-            stored_n = stored.get("n")  # None: every case after the offset
-            whole = "no --n" if stored_n is None else f"n={stored_n}"
-            logger.warning("The run in %s holds %d scored cases (made with %s); with n=%d its summary.json and "
-                           "settings.json will describe the first %d only (results.jsonl keeps the others: %s "
-                           "describes them all again without recomputing).", output_dir, recorded_cases, whole,
-                           settings.n, settings.n, whole)
     if overwrite:
         for name in (SETTINGS_NAME, PRE_NAME, RESULTS_NAME, CURVE_NAME, SUMMARY_NAME):
             (output_dir / name).unlink(missing_ok=True)
@@ -542,14 +534,6 @@ def _reconcile_file(label: str, there: dict, now: dict, key: str, stored_sha256:
     if stored_sha256 is not None and stored_sha256 != sha256:
         return f"{label}: the file {now[key]!r} changed (SHA-256 {stored_sha256[:12]}... there, {sha256[:12]}... now)"
     return None
-
-
-def _count_lines(path: Path) -> int:
-    """The number of non-empty lines of `path` (0 when it does not exist)."""
-    if not path.is_file():
-        return 0
-    with path.open(encoding="utf-8") as lines:
-        return sum(1 for line in lines if line.strip())
 
 
 def _holds_edits(output_dir: Path) -> bool:
@@ -715,6 +699,12 @@ def run_evaluation(
     results_path = output_dir / RESULTS_NAME
     curve_path = output_dir / CURVE_NAME
     done = processes.on_main(lambda: _read_and_rewrite(results_path))
+    left_out = [i for i in done if i not in by_index]  # scored with a larger --n (a stream keeps its n)
+    if left_out and processes.is_main:
+        logger.warning("The run in %s holds %d scored cases beyond the %d selected now; its summary.json and "
+                       "settings.json will describe the selected ones only (results.jsonl keeps the others: --n %d "
+                       "describes them all again without recomputing).", output_dir, len(left_out), len(indices),
+                       max(done) + 1 - settings.offset)
     chunks = _chunks(indices, settings.batch_size if settings.mode != "single" else 1)
     kind, every = parse_schedule(settings.eval_schedule)
     bar = processes.progress_bar(total=len(indices), desc=f"{settings.label} {settings.mode}", unit="case")
