@@ -44,7 +44,7 @@ from hf_knowedit.evaluation.report import (
     markdown_tables,
     plot_efficiency,
     plot_metrics_vs_edits,
-    series_colour,
+    series_style,
     write_report,
 )
 from hf_knowedit.locate.base import check_consistent_requests
@@ -1003,8 +1003,8 @@ def _png_size(path):
 
 
 def test_plots_make_room_for_many_and_long_names(tmp_path):
-    """The legend of a metrics plot goes under the plots, in columns, and is in the image; the efficiency plot's bars
-    keep their width beside long run names."""
+    """The legend of a metrics plot goes under the plots, in columns, and is in the image; the efficiency plot grows by
+    the width of long run names (its bars keep the figure's width) instead of cutting them off."""
     def runs(count, name):
         return [(tmp_path / f"r{i}", {**_table_summary(f"{name}{i}", 5, 0.1), "mode": "batch", "batch_size": 10})
                 for i in range(count)]
@@ -1021,10 +1021,11 @@ def test_plots_make_room_for_many_and_long_names(tmp_path):
 
 
 def test_the_series_of_a_plot_take_ten_strong_hues_before_any_light_shade():
-    colours = [series_colour(i) for i in range(20)]
-    assert sorted(colours) == list(range(20))  # twenty series, twenty colours
+    styles = [series_style(i) for i in range(100)]
+    colours = [colour for colour, _ in styles[:20]]
+    assert sorted(colours) == list(range(20)) and {marker for _, marker in styles[:20]} == {"o"}
     assert [c // 2 for c in colours[:10]] == list(range(10)) and all(c % 2 == 0 for c in colours[:10])
-    assert series_colour(20) == series_colour(0)  # then the markers tell them apart
+    assert len(set(styles)) == 100  # then the twenty colours again, each with another marker
 
 
 def test_efficiency_bars_name_runs_made_on_a_gpu(tmp_path):

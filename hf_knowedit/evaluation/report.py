@@ -249,10 +249,11 @@ def _legend_below(fig, entries: list[tuple]) -> None:
         legend.remove()
 
 
-def series_colour(index: int) -> int:
-    """The tab20 colour of the `index`-th series of a plot: the ten strong hues first, then their light shades (tab20
-    lists each strong hue next to its light shade, which two neighbouring series could hardly be told apart by)."""
-    return (2 * index) % 20 + (index // 10) % 2
+def series_style(index: int) -> tuple[int, str]:
+    """The tab20 colour and the marker of the `index`-th series of a plot: the ten strong hues first, then their light
+    shades (tab20 lists each strong hue next to its light shade, which two neighbouring series could hardly be told
+    apart by), then the twenty colours again with the next marker."""
+    return (2 * index) % 20 + (index // 10) % 2, "os^Dv"[index // 20 % 5]
 
 
 def plot_metrics_vs_edits(runs: list[tuple[Path, dict]], output_dir: Path, protocol: str = "token_accuracy"):
@@ -275,8 +276,10 @@ def plot_metrics_vs_edits(runs: list[tuple[Path, dict]], output_dir: Path, proto
             selected, lambda s: f"{s['method_label']} {s['mode'] if s['mode'] != 'single' else 'batch'}", _series_key)
         names = sorted(set(run_names))
         colours = plt.get_cmap("tab20")
-        styles = {name: dict(color=colours(series_colour(i)), marker="os^Dv"[i // 20 % 5])
-                  for i, name in enumerate(names)}
+        styles = {}
+        for i, name in enumerate(names):
+            colour, marker = series_style(i)
+            styles[name] = dict(color=colours(colour), marker=marker)
         for ax, (metric, label) in zip(axes[0], metrics):
             series: dict[str, list[tuple[int, float]]] = {}
             for summary, name in zip(subset, run_names):
@@ -347,7 +350,7 @@ def plot_efficiency(runs: list[tuple[Path, dict]], output_dir: Path):
     axes[1].tick_params(axis="y", labelleft=False)
     for ax in axes:
         ax.grid(axis="x", alpha=0.3)
-        ax.set_ylim(-0.7, len(rows) - 0.3)
+    axes[0].set_ylim(-0.7, len(rows) - 0.3)  # both: the y axis is shared
     # the names take their own width left of the bars, which keep theirs however long the names are
     renderer = fig.canvas.get_renderer()
     names_width = max(t.get_window_extent(renderer).width for t in axes[0].get_yticklabels()) / fig.dpi + 0.2
