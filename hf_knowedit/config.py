@@ -178,7 +178,9 @@ def _float_field_names(config_cls: type) -> tuple[str, ...]:
     for f in dataclasses.fields(config_cls):
         hint = f.type
         if isinstance(hint, str):
-            owner = next(c for c in config_cls.__mro__ if f.name in vars(c).get("__annotations__", {}))
+            # the class that declares the field; a class that keeps no `__annotations__` (made lazily since Python
+            # 3.14 for string annotations without the __future__ import) counts as declaring it
+            owner = next((c for c in config_cls.__mro__ if f.name in vars(c).get("__annotations__", {})), config_cls)
             try:  # as typing.get_type_hints does, one field at a time: one unresolvable name spoils no other field
                 hint = eval(hint, dict(vars(sys.modules[owner.__module__])))
             except Exception:  # noqa: BLE001 - a name imported under TYPE_CHECKING only: not a float field

@@ -472,14 +472,19 @@ def test_string_annotations_of_an_outside_config_still_turn_ints_into_floats(tmp
         "from outside_method import OutsideConfig\n\n"
         "@dataclass\n"
         "class ChildConfig(OutsideConfig):\n"
-        "    extra: float = 0.0\n"
+        "    extra: float = 0.0\n\n"
+        "@dataclass\n"
+        "class BareConfig(OutsideConfig):\n"
+        "    extra: float = 0.0\n\n"
+        "del BareConfig.__annotations__\n"  # no class of it keeps its annotations: looked up in its own module
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    from outside_child import ChildConfig
+    from outside_child import BareConfig, ChildConfig
     from outside_method import OutsideConfig
 
     child = ChildConfig(floor=4, extra=1)
     assert type(child.floor) is float and type(child.extra) is float
+    assert type(BareConfig(extra=1).extra) is float
 
     config = OutsideConfig(scale=2, cap=3, floor=4, steps=5, ratio=6, exact=7)
     assert [type(getattr(config, key)) for key in ("scale", "cap", "floor", "steps", "ratio", "exact")] == [
