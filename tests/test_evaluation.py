@@ -857,7 +857,8 @@ def _results_page(main_table: str, all_runs: str, batch_rows: str) -> str:
 def test_results_page_rebuilt_by_make_results(runs, tmp_path, monkeypatch):
     """make_results.py's main() on a page naming runs that are here, one that is lost and one here part-way: it stops
     and names them; --partial recomputes the rows and main-table cells of the complete runs here and keeps the others;
-    --allow-missing rebuilds from the runs here, dropping the lost run's rows."""
+    --allow-missing rebuilds from the runs here, dropping the lost run's rows; with only a GPU run lost, --partial
+    draws the plots of the CPU runs in docs/report_all."""
     make_results = _make_results_module()
     _, result = runs
     monkeypatch.chdir(tmp_path)
@@ -915,6 +916,21 @@ def test_results_page_rebuilt_by_make_results(runs, tmp_path, monkeypatch):
     rebuilt = Path("docs/results.md").read_text()
     assert main_table in rebuilt and all_runs in rebuilt and make_results.row("batch", "FT", batch) in rebuilt
     assert "KN" not in rebuilt and "kn_" not in rebuilt
+
+    # only a GPU run missing: --partial keeps its row and, every run of the CPU plots being here, draws those in
+    # docs/report_all, not apart
+    shutil.rmtree("docs/report_all")
+    shutil.rmtree(make_results.PARTIAL_PLOTS)
+    gpu_row = "| FT | 0 | `runs/gpu/counterfact/ft_single` |"
+    page = _results_page(main_table, all_runs, f"| FT | 0 | `{batch}` |\n{gpu_row}")
+    Path("docs/results.md").write_text(page)
+    with pytest.raises(SystemExit, match=r"1 runs named .* not here \(runs/gpu/counterfact/ft_single\) and 0"):
+        make_results.main([])
+    make_results.main(["--partial"])
+    assert gpu_row in Path("docs/results.md").read_text()
+    assert sorted(p.name for p in Path("docs/report_all").iterdir()) == [
+        "efficiency.png", "metrics_vs_edits_cases.png"]
+    assert not make_results.PARTIAL_PLOTS.exists()
 
 
 def test_a_run_made_again_part_way_is_told_apart_by_its_old_rows_cases_cell(tmp_path, monkeypatch):

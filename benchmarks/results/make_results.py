@@ -12,10 +12,11 @@ benchmarks/results/run_single_edits.sh.
 - --partial, for a checkout that holds only some of the runs: recompute every row whose run is here and keep the
   others as they are. The table of all runs gets the rows of the runs here, new ones included, in the report's
   order, and keeps the rows of the missing runs. The main tables get the cells of the complete single-edit runs here
-  (the runs behind them) and keep their other cells. The plots of docs/report_all are left alone: they compare every
-  run, and are rebuilt only when all of them are here. The plots of the runs that are here go to
-  docs/report_in_git instead (PARTIAL_PLOTS). A run here that is not complete, made again after a complete run of
-  that folder was lost, keeps the complete run's rows until it completes (`being_redone`).
+  (the runs behind them) and keep their other cells. A set of plots is rebuilt only when every run it compares is
+  here (complete): docs/report_all, the runs of runs/counterfact and runs/zsre, and docs/report_gpu. While runs of
+  runs/counterfact or runs/zsre are missing, the plots of those here go to docs/report_in_git instead
+  (PARTIAL_PLOTS) and docs/report_all is left alone. A run here that is not complete, made again after a complete
+  run of that folder was lost, keeps the complete run's rows until it completes (`being_redone`).
 - docs/report_gpu: the plots of `hf-knowedit report` over the GPU runs under runs/gpu (benchmarks/results/run_gpu.sh),
   kept apart from the CPU runs' plots so that no plot sets GPU seconds beside CPU seconds.
 """
@@ -31,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from summary_rows import row  # noqa: E402
 
 
-PARTIAL_PLOTS = Path("docs/report_in_git")  # --partial: the plots of the runs here, apart from those of every run
+PARTIAL_PLOTS = Path("docs/report_in_git")  # --partial: the plots of the runs here while some CPU runs are missing
+CPU_RUNS = ("runs/counterfact", "runs/zsre")  # the folders of the runs of the main tables and docs/report_all
 RUN_CELL = re.compile(r"\| `([^`]+)` \|$")  # a table row's last cell: the run it comes from
 
 
@@ -150,12 +152,17 @@ def main(argv: list[str]):
                  f"{len(redoing)} are here part-way, being made again ({first_few(sorted(redoing))}); "
                  "rebuilding would drop or replace their rows. Fetch or complete them, or pass --partial (keep "
                  "their rows) or --allow-missing (drop them).")
-    runs = sorted(str(p.parent) for tag in ("counterfact", "zsre") for p in Path("runs", tag).glob("*/summary.json"))
+    runs = sorted(str(p.parent) for folder in CPU_RUNS for p in Path(folder).glob("*/summary.json"))
+    # --partial keeps the rows of the missing runs; a set of plots is drawn where it holds every run it compares
+    cpu_whole = not redoing and not [run for run in missing if Path(run).parent.as_posix() in CPU_RUNS]
+    gpu_whole = not [run for run in missing if run.startswith("runs/gpu/")]
     tables = {}
     for protocol in ("token_accuracy", "prob_comparison"):
-        # --partial: the report of some runs gives the rows of the table of all runs, and its plots go apart; the
-        # main tables get the cells of the complete single-edit runs here (a report of those alone)
-        plots = (PARTIAL_PLOTS if partial else Path("docs/report_all")) if protocol == "token_accuracy" else None
+        # --partial: the report of some runs gives the rows of the table of all runs, and its plots go apart while
+        # runs of the main tables are missing; the main tables get the cells of the complete single-edit runs here
+        # (a report of those alone)
+        plots = (Path("docs/report_all") if cpu_whole or not partial else PARTIAL_PLOTS) \
+            if protocol == "token_accuracy" else None
         text = report(runs, protocol, plots)
         if partial:
             if single_runs := complete_single_runs(runs):  # none here: the main tables stay as they are
@@ -167,7 +174,7 @@ def main(argv: list[str]):
         if protocol == "token_accuracy":
             tables["all"] = re.search(r"\| Method \| Dataset \|.*?\n\n(?:† .*?\n\n?)?", text, re.S).group(0)
     gpu_runs = sorted(str(p.parent) for p in Path("runs", "gpu").glob("*/*/summary.json"))
-    if gpu_runs and not partial:
+    if gpu_runs and (gpu_whole or not partial):
         report(gpu_runs, "token_accuracy", Path("docs/report_gpu"))
     if partial:
         tables["all"] = merge_all_runs(old_all, tables["all"], redoing)
@@ -181,8 +188,9 @@ def main(argv: list[str]):
     Path("docs/results.md").write_text(doc)
     print("runs:", len(runs), "GPU runs:", len(gpu_runs),
           f"(--partial: {len(missing)} missing runs' rows kept; main tables' cells of the complete single-edit runs "
-          f"here recomputed, the others kept; docs/report_all not rebuilt; plots of "
-          f"the runs here in {PARTIAL_PLOTS}); being made again, their complete runs' rows kept: "
+          f"here recomputed, the others kept; plots of the runs here in "
+          f"{'docs/report_all' if cpu_whole else f'{PARTIAL_PLOTS}, docs/report_all not rebuilt'}"
+          f"{'' if gpu_whole else ', docs/report_gpu not rebuilt'}); being made again, their complete runs' rows kept: "
           f"{', '.join(sorted(redoing)) or 'none'}" if partial else "")
 
 
