@@ -858,7 +858,7 @@ def test_results_page_rebuilt_by_make_results(runs, tmp_path, monkeypatch):
     """make_results.py's main() on a page naming runs that are here, one that is lost and one here part-way: it stops
     and names them; --partial recomputes the rows and main-table cells of the complete runs here and keeps the others;
     --allow-missing rebuilds from the runs here, dropping the lost run's rows; with only a GPU run lost, --partial
-    draws the plots of the CPU runs in docs/report_all."""
+    draws the plots of the CPU runs in docs/report_all and leaves the GPU plots alone until no GPU run is missing."""
     make_results = _make_results_module()
     _, result = runs
     monkeypatch.chdir(tmp_path)
@@ -926,11 +926,17 @@ def test_results_page_rebuilt_by_make_results(runs, tmp_path, monkeypatch):
     Path("docs/results.md").write_text(page)
     with pytest.raises(SystemExit, match=r"1 runs named .* not here \(runs/gpu/counterfact/ft_single\) and 0"):
         make_results.main([])
+    shutil.copytree(single, "runs/gpu/counterfact/ft_single_fp32")  # a GPU run here beside the lost one
     make_results.main(["--partial"])
     assert gpu_row in Path("docs/results.md").read_text()
     assert sorted(p.name for p in Path("docs/report_all").iterdir()) == [
         "efficiency.png", "metrics_vs_edits_cases.png"]
     assert not make_results.PARTIAL_PLOTS.exists()
+    assert not Path("docs/report_gpu").exists()  # a GPU run missing: the GPU plots are left alone
+    Path("docs/results.md").write_text(page.replace(gpu_row, "| FT | 0 | `runs/gpu/counterfact/ft_single_fp32` |"))
+    make_results.main(["--partial"])  # no GPU run missing: drawn
+    assert sorted(p.name for p in Path("docs/report_gpu").iterdir()) == [
+        "efficiency.png", "metrics_vs_edits_cases.png"]
 
 
 def test_a_run_made_again_part_way_is_told_apart_by_its_old_rows_cases_cell(tmp_path, monkeypatch):

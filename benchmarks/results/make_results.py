@@ -10,13 +10,13 @@ benchmarks/results/run_single_edits.sh.
   kept in git are in no checkout but the one that made them) or are here part-way, being made again, unless
   --allow-missing (rebuild from the runs that are here, dropping the others' rows) or --partial.
 - --partial, for a checkout that holds only some of the runs: recompute every row whose run is here and keep the
-  others as they are. The table of all runs gets the rows of the runs here, new ones included, in the report's
-  order, and keeps the rows of the missing runs. The main tables get the cells of the complete single-edit runs here
-  (the runs behind them) and keep their other cells. A set of plots is rebuilt only when every run it compares is
-  here (complete): docs/report_all, the runs of runs/counterfact and runs/zsre, and docs/report_gpu. While runs of
-  runs/counterfact or runs/zsre are missing, the plots of those here go to docs/report_in_git instead
-  (PARTIAL_PLOTS) and docs/report_all is left alone. A run here that is not complete, made again after a complete
-  run of that folder was lost, keeps the complete run's rows until it completes (`being_redone`).
+  others as they are. The table of all runs gets the rows of the runs here, new ones included, in the report's order,
+  and keeps the rows of the missing runs. The main tables get the cells of the complete single-edit runs here (the
+  runs behind them) and keep their other cells. A set of plots is redrawn only when no run it compares is missing or
+  being made again: docs/report_all (the runs of CPU_RUNS) and docs/report_gpu (GPU_RUNS). While a run of CPU_RUNS is,
+  the plots of those here go to docs/report_in_git instead (PARTIAL_PLOTS) and docs/report_all is left alone; while a
+  run of GPU_RUNS is, docs/report_gpu is left alone. A run here that is not complete, made again after a complete run
+  of that folder was lost, keeps the complete run's rows until it completes (`being_redone`).
 - docs/report_gpu: the plots of `hf-knowedit report` over the GPU runs under runs/gpu (benchmarks/results/run_gpu.sh),
   kept apart from the CPU runs' plots so that no plot sets GPU seconds beside CPU seconds.
 """
@@ -34,6 +34,7 @@ from summary_rows import row  # noqa: E402
 
 PARTIAL_PLOTS = Path("docs/report_in_git")  # --partial: the plots of the runs here while some CPU runs are missing
 CPU_RUNS = ("runs/counterfact", "runs/zsre")  # the folders of the runs of the main tables and docs/report_all
+GPU_RUNS = "runs/gpu"  # the folder of the GPU runs (one folder per dataset in it), plotted in docs/report_gpu
 RUN_CELL = re.compile(r"\| `([^`]+)` \|$")  # a table row's last cell: the run it comes from
 
 
@@ -154,16 +155,14 @@ def main(argv: list[str]):
                  "their rows) or --allow-missing (drop them).")
     runs = sorted(str(p.parent) for folder in CPU_RUNS for p in Path(folder).glob("*/summary.json"))
     # --partial keeps the rows of the missing runs; a set of plots is drawn where it holds every run it compares
-    cpu_whole = not redoing and not [run for run in missing if Path(run).parent.as_posix() in CPU_RUNS]
-    gpu_whole = not [run for run in missing if run.startswith("runs/gpu/")]
+    cpu_whole = not redoing and not any(Path(run).parent.as_posix() in CPU_RUNS for run in missing)
+    gpu_whole = not any(Path(run).parent.parent.as_posix() == GPU_RUNS for run in missing)
+    plots = Path("docs/report_all") if cpu_whole or not partial else PARTIAL_PLOTS
     tables = {}
     for protocol in ("token_accuracy", "prob_comparison"):
-        # --partial: the report of some runs gives the rows of the table of all runs, and its plots go apart while
-        # runs of the main tables are missing; the main tables get the cells of the complete single-edit runs here
-        # (a report of those alone)
-        plots = (Path("docs/report_all") if cpu_whole or not partial else PARTIAL_PLOTS) \
-            if protocol == "token_accuracy" else None
-        text = report(runs, protocol, plots)
+        # --partial: the report of some runs gives the rows of the table of all runs; the main tables get the cells
+        # of the complete single-edit runs here (a report of those alone)
+        text = report(runs, protocol, plots if protocol == "token_accuracy" else None)
         if partial:
             if single_runs := complete_single_runs(runs):  # none here: the main tables stay as they are
                 old_main = re.search(rf"<!-- {protocol} -->\n(.*?)<!-- /{protocol} -->", doc, re.S).group(1)
@@ -173,7 +172,7 @@ def main(argv: list[str]):
             tables[protocol] = re.search(r"\| Method \| .*?\n\n", text, re.S).group(0)
         if protocol == "token_accuracy":
             tables["all"] = re.search(r"\| Method \| Dataset \|.*?\n\n(?:† .*?\n\n?)?", text, re.S).group(0)
-    gpu_runs = sorted(str(p.parent) for p in Path("runs", "gpu").glob("*/*/summary.json"))
+    gpu_runs = sorted(str(p.parent) for p in Path(GPU_RUNS).glob("*/*/summary.json"))
     if gpu_runs and (gpu_whole or not partial):
         report(gpu_runs, "token_accuracy", Path("docs/report_gpu"))
     if partial:
@@ -188,8 +187,8 @@ def main(argv: list[str]):
     Path("docs/results.md").write_text(doc)
     print("runs:", len(runs), "GPU runs:", len(gpu_runs),
           f"(--partial: {len(missing)} missing runs' rows kept; main tables' cells of the complete single-edit runs "
-          f"here recomputed, the others kept; plots of the runs here in "
-          f"{'docs/report_all' if cpu_whole else f'{PARTIAL_PLOTS}, docs/report_all not rebuilt'}"
+          f"here recomputed, the others kept; plots of the runs here in {plots}"
+          f"{'' if cpu_whole else ', docs/report_all not rebuilt'}"
           f"{'' if gpu_whole else ', docs/report_gpu not rebuilt'}); being made again, their complete runs' rows kept: "
           f"{', '.join(sorted(redoing)) or 'none'}" if partial else "")
 
