@@ -886,8 +886,8 @@ def test_results_page_rebuilt_by_make_results(runs, tmp_path, monkeypatch):
         f"| FT | 0 | `{batch}` |\n| KN | 0 | `runs/zsre/kn_batch10` |")
     Path("docs").mkdir()
     Path("docs/results.md").write_text(page)
-    with pytest.raises(SystemExit, match=r"2 runs named .* not here \(runs/counterfact/kn_single, "
-                       r"runs/zsre/kn_batch10\) and 0 are here part-way"):
+    with pytest.raises(SystemExit, match=r"not here: 2 \(runs/counterfact/kn_single, "
+                       r"runs/zsre/kn_batch10\); here part-way, being made again: 0 "):
         make_results.main([])
     assert Path("docs/results.md").read_text() == page
 
@@ -904,7 +904,7 @@ def test_results_page_rebuilt_by_make_results(runs, tmp_path, monkeypatch):
     Path("docs/results.md").write_text(page)
     summary = json.loads(Path(single, "summary.json").read_text())
     Path(single, "summary.json").write_text(json.dumps({**summary, "complete": False, "num_completed": 3}))
-    with pytest.raises(SystemExit, match=r"and 1 are here part-way, being made again \(runs/counterfact/ft_single\)"):
+    with pytest.raises(SystemExit, match=r"being made again: 1 \(runs/counterfact/ft_single\)"):
         make_results.main([])
     make_results.main(["--partial"])
     rebuilt = Path("docs/results.md").read_text()
@@ -924,7 +924,7 @@ def test_results_page_rebuilt_by_make_results(runs, tmp_path, monkeypatch):
     gpu_row = "| FT | 0 | `runs/gpu/counterfact/ft_single` |"
     page = _results_page(main_table, all_runs, f"| FT | 0 | `{batch}` |\n{gpu_row}")
     Path("docs/results.md").write_text(page)
-    with pytest.raises(SystemExit, match=r"1 runs named .* not here \(runs/gpu/counterfact/ft_single\) and 0"):
+    with pytest.raises(SystemExit, match=r"not here: 1 \(runs/gpu/counterfact/ft_single\); .* again: 0 "):
         make_results.main([])
     shutil.copytree(single, "runs/gpu/counterfact/ft_single_fp32")  # a GPU run here beside the lost one
     make_results.main(["--partial"])

@@ -149,9 +149,9 @@ def main(argv: list[str]):
     old_all = re.search(r"<!-- all -->\n(.*?)<!-- /all -->", doc, re.S).group(1)
     redoing = being_redone(old_all)  # here part-way: a rebuild would replace a complete run's rows with theirs
     if (missing or redoing) and not partial and "--allow-missing" not in argv:
-        sys.exit(f"{len(missing)} runs named in docs/results.md are not here ({first_few(missing)}) and "
-                 f"{len(redoing)} are here part-way, being made again ({first_few(sorted(redoing))}); "
-                 "rebuilding would drop or replace their rows. Fetch or complete them, or pass --partial (keep "
+        sys.exit(f"Runs named in docs/results.md but not here: {len(missing)} ({first_few(missing)}); here "
+                 f"part-way, being made again: {len(redoing)} ({first_few(sorted(redoing))}). Rebuilding would "
+                 "drop or replace their rows. Fetch or complete them, or pass --partial (keep "
                  "their rows) or --allow-missing (drop them).")
     runs = sorted(str(p.parent) for folder in CPU_RUNS for p in Path(folder).glob("*/summary.json"))
     # --partial keeps the rows of the missing runs; a set of plots is drawn where it holds every run it compares
