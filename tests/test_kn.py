@@ -115,7 +115,9 @@ def test_layers_attributed_in_one_pass_get_the_attributions_of_a_pass_each(arch)
         for layer in modules:
             scale = float(apart[layer].abs().max())
             assert scale > 0, layer
-            torch.testing.assert_close(together[layer], apart[layer], rtol=1e-5, atol=1e-6 * scale)
+            # float32 sums over batches of another shape differ by a few 1e-6 of the layer's largest attribution
+            # (seen: 2.8e-6 on gpt2); KN keeps the neurons above 0.2 of it
+            torch.testing.assert_close(together[layer], apart[layer], rtol=1e-5, atol=1e-5 * scale)
 
 
 def test_the_layers_per_pass_do_not_change_the_edit():
