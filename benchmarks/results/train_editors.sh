@@ -1,8 +1,9 @@
 #!/bin/bash
 # Train the learned editors (MEND, KE and SERAC unless METHODS names some) on the default model, on CounterFact's
 # train split (first 2000 records), for a fixed number of steps (about 5 minutes each on one thread): training is
-# seeded and runs in a fixed order, so the same steps give the same editor weights on another checkout, and the runs
-# that use an editor record the SHA-256 of its weights (settings.json, summary.json: "editor").
+# seeded and runs in a fixed order, so the same steps give the same editor up to float rounding on another checkout
+# (KE's logged losses agreed to six or seven digits, its weights' SHA-256 did not: docs/results.md, "What is not
+# done"), and the runs that use an editor record the SHA-256 of its weights (settings.json, summary.json: "editor").
 # Usage: [METHODS="mend ke serac"] [STEPS=N (all methods)] [WAIT=pid] benchmarks/results/train_editors.sh
 source "$(dirname "$0")/common.sh"
 while [ -n "$WAIT" ] && kill -0 $WAIT 2>/dev/null; do sleep 5; done
