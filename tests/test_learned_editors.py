@@ -146,7 +146,8 @@ def test_edit_gradients_in_chunks_equal_one_pass(arch):
     whole, chunked = layer_gradients(model, paths, batch, chunk_size=5), layer_gradients(model, paths, batch, 2)
     for path in paths:
         for name in ("inputs", "output_grads"):
-            torch.testing.assert_close(getattr(chunked[path], name), getattr(whole[path], name), atol=1e-6, rtol=1e-5)
+            # rows padded to another length sum in another order: float32 differences up to 3e-5 of an element
+            torch.testing.assert_close(getattr(chunked[path], name), getattr(whole[path], name), atol=1e-6, rtol=1e-4)
         assert whole[path].output_grads.abs().sum() > 0
         assert torch.equal(chunked[path].request_index, whole[path].request_index)
         assert chunked[path].request_index.unique().tolist() == [0, 1, 2, 3, 4]

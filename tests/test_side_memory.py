@@ -555,5 +555,8 @@ def test_resumed_target_log_probs_equal_the_full_pass_with_gradients(arch):
             result.sum().backward()
         values[name] = result.detach(), weight.grad.clone()
     torch.testing.assert_close(values["resumed"][0], values["full"][0], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(values["resumed"][1], values["full"][1], rtol=1e-3, atol=1e-6)
+    # within 1e-4 of the largest gradient: float32 rounding differs between CPUs (gpt_neox on an AMD EPYC: one element
+    # of 2048 off by 2.0e-6, the largest gradients of the architectures being 0.006 to 35)
+    scale = float(values["full"][1].abs().max())
+    torch.testing.assert_close(values["resumed"][1], values["full"][1], rtol=1e-3, atol=1e-4 * scale)
     weight.grad = None
