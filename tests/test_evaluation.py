@@ -837,6 +837,16 @@ def test_results_page_rows_come_from_the_run_they_name(runs, tmp_path):
     assert cells[5] == f"{summary['curve'][-1]['edit_seconds_per_case']['mean']:.2f}"  # its seconds so far
     fluency = json.loads((Path(batch_dir) / "summary.json").read_text())["metrics"]["post"]["fluency"]["ngram_entropy"]
     assert summary_rows.row("fluency", "FT", batch_dir).startswith(f"| FT | {fluency['mean']:.2f} ± ")
+    # --cases: the figures of some cases of a run, from its records (all five give the summary's own)
+    batch = json.loads((Path(batch_dir) / "summary.json").read_text())
+    assert summary_rows.batch_cells(summary_rows.cases_slice(batch, batch_dir, 0, 5)) == summary_rows.batch_cells(batch)
+    records = [json.loads(line) for line in (Path(batch_dir) / "results.jsonl").read_text().splitlines()]
+    first_two = [r for r in records if r["index"] < 2]
+    cells = summary_rows.batch_cells(summary_rows.cases_slice(batch, batch_dir, 0, 2))
+    assert cells[1] == "2" and cells[6] == f"{sum(r['edit_seconds'] for r in first_two) / 2:.2f}"
+    assert cells != summary_rows.batch_cells(batch)
+    with pytest.raises(ValueError, match="no cases in 7:9"):
+        summary_rows.cases_slice(batch, batch_dir, 7, 9)
 
 
 def _make_results_module():

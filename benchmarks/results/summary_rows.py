@@ -13,6 +13,8 @@ Usage: python benchmarks/results/summary_rows.py --kind batch|sequential|fluency
   runs/counterfact, over the same cases, when its config, dtype, mode and batch size match), the ratio, and the peak
   GPU memory in GB.
 In the batch table, a run made on a GPU gives its peak GPU memory (marked "GPU") instead of the process RSS.
+- batch with --cases FIRST:STOP (command line only): the same cells over those cases of the run (its
+  results.jsonl; the peak memory stays the run's), e.g. the halves of a run grown in two sessions.
 - curve (command line only): one row per checkpoint of a sequential run (its curve.jsonl, through summary.json's
   `curve`): edits so far, then reliability / generalization / locality (unchanged) over the cases edited so far,
   under --protocol (default token_accuracy; prob_comparison for P(new) > P(true)).
@@ -24,7 +26,7 @@ import re
 import sys
 from pathlib import Path
 
-from hf_knowedit.evaluation.harness import report_label
+from hf_knowedit.evaluation.harness import _metric_stats, report_label
 from hf_knowedit.evaluation.report import _latest_checkpoint, _stat, ran_on_gpu
 from hf_knowedit.metrics import PROTOCOLS
 
@@ -136,6 +138,20 @@ def row(kind: str, label: str, run: str) -> str:
     return f"| {label} | {' | '.join(CELLS[kind](summary, run))} | `{run}` |"
 
 
+def cases_slice(summary, run: str, first: int, stop: int) -> dict:
+    """SUMMARY with its post-edit metrics, cases done and edit seconds per case over cases FIRST..STOP-1 of RUN only
+    (its results.jsonl), e.g. the cases a run grown in two sessions made in each."""
+    with open(Path(run) / "results.jsonl") as handle:
+        records = [record for record in map(json.loads, handle) if first <= record["index"] < stop]
+    if not records:
+        raise ValueError(f"{run} has no cases in {first}:{stop}")
+    seconds = [r["edit_seconds"] for r in records if r.get("edit_seconds") is not None]
+    efficiency = {**summary["efficiency"], "edit_seconds_per_case": {"mean": sum(seconds) / len(seconds)
+                                                                     if seconds else None}}
+    metrics = {**summary["metrics"], "post": _metric_stats(records, "post", tuple(summary["protocols"]))}
+    return {**summary, "metrics": metrics, "num_completed": len(records), "efficiency": efficiency}
+
+
 def curve_rows(run: str, protocol: str = "token_accuracy") -> list[str]:
     """One row per checkpoint of the sequential run RUN: edits, reliability / generalization / locality under
     PROTOCOL over the cases edited so far."""
@@ -152,12 +168,20 @@ def main():
     parser.add_argument("runs", nargs="+")
     parser.add_argument("--kind", choices=sorted([*CELLS, "curve"]), required=True)
     parser.add_argument("--protocol", choices=PROTOCOLS, default="token_accuracy", help="--kind curve: the protocol.")
+    parser.add_argument("--cases", metavar="FIRST:STOP", help="--kind batch: the figures of cases FIRST..STOP-1 only.")
     args = parser.parse_args()
+    if args.cases and args.kind != "batch":
+        parser.error("--cases goes with --kind batch")
     for run in args.runs:
         if args.kind == "curve":
             print("\n".join(curve_rows(run, args.protocol)))
             continue
         summary = json.loads((Path(run) / "summary.json").read_text())
+        if args.cases:
+            first, stop = map(int, args.cases.split(":"))
+            sliced = cases_slice(summary, run, first, stop)
+            print(f"| {report_label(summary)} (cases {first}:{stop}) | {' | '.join(batch_cells(sliced))} | `{run}` |")
+            continue
         print(row(args.kind, report_label(summary), run))
         if args.kind == "fluency":
             pre = _stat(summary, "fluency", "ngram_entropy", side="pre")
