@@ -968,7 +968,7 @@ def _plan_calinet(ctx: _Context) -> list[Phase]:
     d = spec.hidden_size
     numel = len(layers) * config.num_slots * (2 * d + 1)
     sequence = max(ctx.edit_lengths())
-    tokens = ctx.num_requests * sequence
+    tokens = min(ctx.num_requests, config.requests_per_pass) * sequence  # one pass of the step at a time
     saved = len(layers) * tokens * (d + 2 * config.num_slots) * FP32  # the FFN input (fp32), scores, activations
     return [_tail_training_phase(ctx, "slot training step", min(layers) - 1, numel, saved, tokens, sequence)]
 

@@ -272,6 +272,35 @@ def test_sequential_edits_accumulate(method):
     assert size == (32 if method == "calinet" else 2)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_calinet_batch_in_passes_takes_the_steps_of_one_pass(arch):
+    """A batch larger than `requests_per_pass` accumulates each step's gradient over passes (here of 2, 2 and 1
+    requests): the slots and losses are those of one pass over all five, up to float rounding."""
+    subjects = ["Atlantis", "Miles Davis", "Lyon", "the Moon", "Ada Lovelace"]
+    targets = ["Paris", "violin", "cheese", "rock", "French"]
+    requests = [EditRequest(prompt="{} is known for", subject=s, target_new=t) for s, t in zip(subjects, targets)]
+    edits = {}
+    for per_pass in (128, 2):
+        config = CaliNETConfig(num_steps=6, num_slots=16, lr=5e-2, stop_loss=1e-9, requests_per_pass=per_pass)
+        edit = EditedModel(base_model(arch), TOKENIZER).add_edits(config, requests).get_edit()
+        edits[per_pass] = edit
+    assert edits[128].stats["calinet_passes_per_step"] == 1 and edits[2].stats["calinet_passes_per_step"] == 3
+    assert edits[2].stats["calinet_steps"] == edits[128].stats["calinet_steps"] == 6
+    for key in ("calinet_initial_loss", "calinet_final_loss"):
+        assert edits[2].stats[key] == pytest.approx(edits[128].stats[key], rel=1e-5)
+    (path, (one,)), = edits[128].components.items()
+    (_, (passes,)), = edits[2].components.items()
+    for a, b in zip(one.state_dict().values(), passes.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * a.abs().max().item())
+    assert not torch.equal(one.state_dict()["values"], torch.zeros_like(one.state_dict()["values"]))
+
+
+@pytest.mark.parametrize("value", [0, -1, True, 2.5])
+def test_calinet_requests_per_pass_must_be_a_positive_integer(value):
+    with pytest.raises(EditConfigError, match="requests_per_pass"):
+        CaliNETConfig(requests_per_pass=value)
+
+
 def test_grace_conflicting_edit_splits_the_ball():
     model = edited("gpt2", "grace")
     conflicting = EditRequest(prompt="The capital of {} is", subject="Atlantis", target_new="Rome")

@@ -29,6 +29,11 @@ class CaliNETConfig(EditConfig):
             so the adapter starts as the identity.
         stop_loss (`float`, *optional*, defaults to `0.01`):
             Stop once the mean target loss is below this.
+        requests_per_pass (`int`, *optional*, defaults to `128`):
+            Requests in one forward and backward pass. A larger batch accumulates each step's gradient over passes of
+            this many requests: the memory of the logits and activations follows this number, not the batch size,
+            and the step is that of one pass over the whole batch up to float rounding. A batch of at most this many
+            runs in one pass.
     """
 
     edit_type: ClassVar[str] = "calinet"
@@ -39,12 +44,15 @@ class CaliNETConfig(EditConfig):
     lr: float = field(default=1e-2, metadata={"help": "Adam learning rate."})
     init_scale: float = field(default=1.0, metadata={"help": "Key init std, in units of 1/sqrt(hidden)."})
     stop_loss: float = field(default=0.01, metadata={"help": "Stop once the mean target loss is below this."})
+    requests_per_pass: int = field(
+        default=128, metadata={"help": "Requests per forward and backward pass; larger batches accumulate gradients."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
         if self.activation not in ACTIVATIONS:
             raise EditConfigError(f"CaliNETConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}.")
-        for name in ("num_slots", "num_steps"):
+        for name in ("num_slots", "num_steps", "requests_per_pass"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise EditConfigError(f"CaliNETConfig.{name} must be a positive integer, got {value!r}.")

@@ -39,19 +39,38 @@ class CaliNETEditor(BaseEditor):
             ).to(device)
         batch = encode_prompt_target(edited_model.tokenizer, [r.filled_prompt for r in requests],
                                      [r.target_new for r in requests], model=model).to(device)
+        passes = _passes(batch, len(requests), config.requests_per_pass)
         params = [p for s in slots.values() for p in s.parameters()]
         optimizer = torch.optim.Adam(params, lr=config.lr)
         losses = []
         with edited_model.temporary_components(slots), torch.enable_grad():
             for _ in tqdm(range(config.num_steps), desc="CaliNET edit", leave=False):
                 optimizer.zero_grad(set_to_none=True)
-                loss = -batch.target_log_probs(edited_model(**batch.model_inputs()).logits).mean()
-                if not torch.isfinite(loss):
-                    raise EditFailedError(f"The CaliNET loss became {loss.item()}; lower CaliNETConfig.lr.")
-                losses.append(loss.item())
+                step_loss = 0.0
+                for i, (part, weight) in enumerate(passes):
+                    # the mean over all requests, as the sum of each pass's mean weighted by its share of them
+                    loss = -part.target_log_probs(edited_model(**part.model_inputs()).logits).mean() * weight
+                    if not torch.isfinite(loss):
+                        raise EditFailedError(f"The CaliNET loss became {loss.item()}; lower CaliNETConfig.lr.")
+                    step_loss += loss.item()
+                    if i < len(passes) - 1:  # the last pass's backward waits for the stopping test
+                        loss.backward()
+                losses.append(step_loss)
                 if losses[-1] < config.stop_loss:
                     break
                 loss.backward()
                 optimizer.step()
-        self.stats = {"calinet_steps": len(losses), "calinet_initial_loss": losses[0], "calinet_final_loss": losses[-1]}
+        self.stats = {"calinet_steps": len(losses), "calinet_initial_loss": losses[0], "calinet_final_loss": losses[-1],
+                      "calinet_passes_per_step": len(passes)}
         return {path: s.frozen() for path, s in slots.items()}
+
+
+def _passes(batch, num_requests: int, requests_per_pass: int) -> list[tuple]:
+    """The batch in passes of at most `requests_per_pass` requests, each with its share of the requests (one pass of
+    weight 1.0, the whole batch, when it fits: the step of a single pass is then computed exactly as without passes).
+    The passes keep the whole batch's padding, so each row is the same as in one pass."""
+    if num_requests <= requests_per_pass:
+        return [(batch, 1.0)]
+    return [(batch.rows(start, start + requests_per_pass),
+             min(requests_per_pass, num_requests - start) / num_requests)
+            for start in range(0, num_requests, requests_per_pass)]
