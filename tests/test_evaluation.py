@@ -148,6 +148,12 @@ def test_single_and_batch_restore_the_base_model(runs):
         assert summary["base_restored_checks"] == 5
         assert [r["chunk_indices"] for r in _records(output)][:2] == ([[0], [1]] if key[0] == "single"
                                                                       else [[0, 1], [0, 1]])
+        # what FT reported for each chunk's edit: one call, its steps (at most the 4 of CONFIG) and losses
+        for record in _records(output):
+            stats = record["edit_stats"]
+            assert stats["num_edit_calls"] == 1 and 1 <= stats["ft_steps"] <= 4 and stats["edit_seconds"] > 0
+            assert {"ft_initial_loss", "ft_final_loss"} <= set(stats)
+    assert all("edit_stats" not in r for r in _records(by_key[("sequential", 2, "immediate")][0]))
 
 
 def test_sequential_schedules(runs):
@@ -252,7 +258,9 @@ def test_a_refused_edit_is_scored_unedited_and_the_run_goes_on(dataset, tmp_path
     if mode != "sequential":  # scored on the untouched model: the post-edit scores are the pre-edit ones
         for i in refused:
             assert records[i]["post"]["scores"]["reliability"] == records[i]["pre"]["scores"]["reliability"]
+            assert records[i]["edit_stats"] == {}
         assert summary["base_restored_checks"] == 5
+        assert all(r["edit_stats"]["ft_steps"] >= 1 for i, r in records.items() if i not in refused)
     if schedule == "every:2":
         assert [p["edits_refused"] for p in summary["curve"]] == [1, 1, 1]
     assert f"| 5/5 ({len(refused)} refused) |" in markdown_tables(find_summaries([tmp_path / "run"]))

@@ -19,7 +19,9 @@ A run writes into its output directory:
   fluency is scored), seconds, peak memory, and `edit_refused`: `None`, or the message of the `EditFailedError` with
   which the method refused the case's edit (the model is then left as it was, the run goes on, and the case is scored
   without its edit), or why the case was left out of its chunk's edit (it contradicts an earlier case of the chunk,
-  which a method that edits a chunk at once cannot satisfy: `ContradictoryRequestsError`).
+  which a method that edits a chunk at once cannot satisfy: `ContradictoryRequestsError`), and in `single` and
+  `batch` modes `edit_stats`: the figures the method reported for the edit of the case's chunk (its optimisation
+  steps and losses, the seconds of its phases; `{}` when the edit was refused).
 - `curve.jsonl` (sequential runs with `every:K`): the mean scores of all cases edited so far, every K edits, how
   many of those edits were refused, and their mean seconds per edit (a report shows a stream stopped before its end
   at its last checkpoint, seconds included).
@@ -841,12 +843,14 @@ def run_evaluation(
         edit_seconds = (time.perf_counter() - start + reused_seconds) / len(chunk)
         records = (score_in_parts(chunk, chunk_no, edit_seconds) if batch
                    else score_and_record(chunk, chunk_no, edit_seconds, len(chunk)))
+        stats = _edit_stats(edited)
         if EDIT_NAME in edited.edit_names:  # absent when every edit was refused
             edited.delete_edit(EDIT_NAME)
         restored = _check_restored(scorer, by_index[chunk[0]], pre_records[chunk[0]])
         for record in records:
             record["base_restored"] = restored
             record["edit_refused"] = refused[record["index"]]
+            record["edit_stats"] = stats
         return records
 
     if settings.mode in ("single", "batch"):
@@ -938,6 +942,15 @@ def run_evaluation(
     bar.close()
 
     return processes.on_main(write_summary)
+
+
+def _edit_stats(edited: EditedModel) -> dict:
+    """The figures of one value (number, string, flag) that the method reported for the run's edit (its steps and
+    losses, the seconds of its phases: `EditedModel.get_edit(name).stats`), or `{}` when every edit was refused."""
+    if EDIT_NAME not in edited.edit_names:
+        return {}
+    stats = edited.get_edit(EDIT_NAME).stats
+    return {key: stats[key] for key in sorted(stats) if isinstance(stats[key], (bool, int, float, str))}
 
 
 def _edit_work_dir(output_dir: Path, chunk_no: int) -> Path:
