@@ -111,6 +111,14 @@ class PromptTargetBatch:
         return dataclasses.replace(self, **cut, prompt_lengths=self.prompt_lengths[start:stop],
                                    target_lengths=self.target_lengths[start:stop])
 
+    def row_chunks(self, size: int) -> list[tuple[int, "PromptTargetBatch"]]:
+        """The examples in chunks of at most `size` (see :meth:`rows`), each with the index of its first example;
+        the batch itself, as the one chunk, when it fits."""
+        count = self.input_ids.shape[0]
+        if count <= size:
+            return [(0, self)]
+        return [(start, self.rows(start, start + size)) for start in range(0, count, size)]
+
     def to(self, device) -> "PromptTargetBatch":
         for name in ("input_ids", "attention_mask", "labels", "decoder_input_ids"):
             if getattr(self, name) is not None:

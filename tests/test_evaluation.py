@@ -855,6 +855,15 @@ def test_results_page_rows_come_from_the_run_they_name(runs, tmp_path):
     assert cells != summary_rows.batch_cells(batch)
     with pytest.raises(ValueError, match="no cases in 7:9"):
         summary_rows.cases_slice(batch, batch_dir, 7, 9)
+    # --pre: the untouched model's figures on the run's cases; --kind edit_stats: each chunk's edit_stats
+    pre = summary_rows.batch_cells(summary_rows.untouched_model(batch))
+    assert pre[2] == f"{100 * batch['metrics']['pre']['reliability']['token_accuracy']['mean']:.1f}" and pre[4] == "–"
+    stats_rows = summary_rows.edit_stats_rows(batch_dir)  # chunks of 2 of the 5 cases
+    assert [r.split(" | ")[0] for r in stats_rows] == ["| 0-1", "| 2-3", "| 4-4"]
+    chunk_stats = {r["chunk"]: r["edit_stats"] for r in records}
+    assert f"ft_steps {chunk_stats[2]['ft_steps']}, " in stats_rows[2] and stats_rows[2].endswith(f"`{batch_dir}` |")
+    with pytest.raises(ValueError, match="without edit_stats"):
+        summary_rows.edit_stats_rows(sequential_dir)
 
 
 def _make_results_module():

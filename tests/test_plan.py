@@ -110,6 +110,19 @@ def test_gradient_editors_plan_their_chunks_of_requests(llama, method):
     assert large.components["captured inputs and outputs"] > 30 * small.components["captured inputs and outputs"]
 
 
+def test_calinet_plans_one_pass_of_its_step(llama):
+    shape = RequestShape(prompt_tokens=10, target_tokens=2)
+
+    def plan(batch_size, per_pass):
+        return estimate_peak_memory("calinet", llama, request_shape=shape, batch_size=batch_size,
+                                    overrides={"requests_per_pass": per_pass}).components
+
+    # the activations and logits of a batch in passes of 128 are those of 128 requests; in one pass, of them all
+    assert plan(1000, 128)["activations"] == plan(128, 128)["activations"]
+    assert plan(1000, 128)["logits and loss"] == plan(128, 128)["logits and loss"]
+    assert plan(1000, 1000)["logits and loss"] > 7 * plan(1000, 128)["logits and loss"]
+
+
 def test_reads_a_model_folder_without_its_weights(llama, model_dir):
     spec = read_model_spec(str(model_dir))
     assert spec.num_parameters == sum(p.numel() for p in llama.parameters())

@@ -15,6 +15,10 @@ Usage: python benchmarks/results/summary_rows.py --kind batch|sequential|fluency
 In the batch table, a run made on a GPU gives its peak GPU memory (marked "GPU") instead of the process RSS.
 - batch with --cases FIRST:STOP (command line only): the same cells over those cases of the run (its
   results.jsonl; the peak memory stays the run's), e.g. the halves of a run grown in two sessions.
+- batch with --pre (command line only): the same cells for the untouched model on the run's cases (its scores before
+  the edits; locality, which compares with them, and the edit's seconds and peak memory are "–").
+- edit_stats (command line only): one row per chunk of a single or batch run: its first and last case, and what the
+  method reported for its edit (the records' `edit_stats`: steps, losses, seconds of its phases).
 - curve (command line only): one row per checkpoint of a sequential run (its curve.jsonl, through summary.json's
   `curve`): edits so far, then reliability / generalization / locality (unchanged) over the cases edited so far,
   under --protocol (default token_accuracy; prob_comparison for P(new) > P(true)).
@@ -152,6 +156,28 @@ def cases_slice(summary, run: str, first: int, stop: int) -> dict:
     return {**summary, "metrics": metrics, "num_completed": len(records), "efficiency": efficiency}
 
 
+def untouched_model(summary) -> dict:
+    """SUMMARY with the untouched model's scores (its `pre` metrics) in place of the post-edit ones."""
+    return {**summary, "metrics": {**summary["metrics"], "post": summary["metrics"]["pre"]}}
+
+
+def edit_stats_rows(run: str) -> list[str]:
+    """One row per chunk of the single or batch run RUN: its first and last case, and its records' `edit_stats`."""
+    with open(Path(run) / "results.jsonl") as handle:
+        chunks = {}
+        for record in map(json.loads, handle):
+            chunks.setdefault(record["chunk"], record)
+    if not chunks or any("edit_stats" not in record for record in chunks.values()):
+        raise ValueError(f"{run} has chunks without edit_stats (made before the harness recorded them, or a stream)")
+
+    def shown(value):
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    return [f"| {record['chunk_indices'][0]}-{record['chunk_indices'][-1]} | "
+            + ", ".join(f"{key} {shown(value)}" for key, value in record["edit_stats"].items()) + f" | `{run}` |"
+            for _, record in sorted(chunks.items())]
+
+
 def curve_rows(run: str, protocol: str = "token_accuracy") -> list[str]:
     """One row per checkpoint of the sequential run RUN: edits, reliability / generalization / locality under
     PROTOCOL over the cases edited so far."""
@@ -166,17 +192,22 @@ def curve_rows(run: str, protocol: str = "token_accuracy") -> list[str]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+")
-    parser.add_argument("--kind", choices=sorted([*CELLS, "curve"]), required=True)
+    parser.add_argument("--kind", choices=sorted([*CELLS, "curve", "edit_stats"]), required=True)
     parser.add_argument("--protocol", choices=PROTOCOLS, default="token_accuracy", help="--kind curve: the protocol.")
     parser.add_argument("--cases", metavar="FIRST:STOP", help="--kind batch: the figures of cases FIRST..STOP-1 only.")
+    parser.add_argument("--pre", action="store_true", help="--kind batch: the untouched model's figures.")
     args = parser.parse_args()
-    if args.cases and args.kind != "batch":
-        parser.error("--cases goes with --kind batch")
+    if (args.cases or args.pre) and args.kind != "batch":
+        parser.error("--cases and --pre go with --kind batch")
     for run in args.runs:
-        if args.kind == "curve":
-            print("\n".join(curve_rows(run, args.protocol)))
+        if args.kind in ("curve", "edit_stats"):
+            print("\n".join(curve_rows(run, args.protocol) if args.kind == "curve" else edit_stats_rows(run)))
             continue
         summary = json.loads((Path(run) / "summary.json").read_text())
+        if args.pre:
+            cells = batch_cells(untouched_model(summary))[:-2] + ["–", "–"]  # no edit: no seconds, no peak
+            print(f"| untouched model | {' | '.join(cells)} | `{run}` |")
+            continue
         if args.cases:
             first, stop = map(int, args.cases.split(":"))
             sliced = cases_slice(summary, run, first, stop)

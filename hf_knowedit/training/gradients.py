@@ -72,8 +72,7 @@ def layer_gradients(
     The base weights need no gradient: the outputs of the hooked modules are made differentiable leaves when nothing
     upstream requires a gradient.
     """
-    parts = [_chunk_gradients(model, paths, batch.rows(start, start + chunk_size), start)
-             for start in range(0, batch.input_ids.shape[0], chunk_size)]
+    parts = [_chunk_gradients(model, paths, part, start) for start, part in batch.row_chunks(chunk_size)]
     if len(parts) == 1:
         return parts[0]
     return {path: LayerGradient(*(torch.cat([getattr(part[path], name) for part in parts])

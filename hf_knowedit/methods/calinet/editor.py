@@ -39,7 +39,7 @@ class CaliNETEditor(BaseEditor):
             ).to(device)
         batch = encode_prompt_target(edited_model.tokenizer, [r.filled_prompt for r in requests],
                                      [r.target_new for r in requests], model=model).to(device)
-        passes = _passes(batch, len(requests), config.requests_per_pass)
+        passes = [part for _, part in batch.row_chunks(config.requests_per_pass)]  # keeping the batch's padding
         params = [p for s in slots.values() for p in s.parameters()]
         optimizer = torch.optim.Adam(params, lr=config.lr)
         losses = []
@@ -47,8 +47,10 @@ class CaliNETEditor(BaseEditor):
             for _ in tqdm(range(config.num_steps), desc="CaliNET edit", leave=False):
                 optimizer.zero_grad(set_to_none=True)
                 step_loss = 0.0
-                for i, (part, weight) in enumerate(passes):
-                    # the mean over all requests, as the sum of each pass's mean weighted by its share of them
+                for i, part in enumerate(passes):
+                    # the mean over all requests, as the sum of each pass's mean weighted by its share of them (a
+                    # weight of exactly 1.0 for a batch in one pass, whose step is then computed as without passes)
+                    weight = part.input_ids.shape[0] / len(requests)
                     loss = -part.target_log_probs(edited_model(**part.model_inputs()).logits).mean() * weight
                     if not torch.isfinite(loss):
                         raise EditFailedError(f"The CaliNET loss became {loss.item()}; lower CaliNETConfig.lr.")
@@ -64,13 +66,3 @@ class CaliNETEditor(BaseEditor):
                       "calinet_passes_per_step": len(passes)}
         return {path: s.frozen() for path, s in slots.items()}
 
-
-def _passes(batch, num_requests: int, requests_per_pass: int) -> list[tuple]:
-    """The batch in passes of at most `requests_per_pass` requests, each with its share of the requests (one pass of
-    weight 1.0, the whole batch, when it fits: the step of a single pass is then computed exactly as without passes).
-    The passes keep the whole batch's padding, so each row is the same as in one pass."""
-    if num_requests <= requests_per_pass:
-        return [(batch, 1.0)]
-    return [(batch.rows(start, start + requests_per_pass),
-             min(requests_per_pass, num_requests - start) / num_requests)
-            for start in range(0, num_requests, requests_per_pass)]
