@@ -32,6 +32,7 @@ same memory (a config's `editor=None` is refused by MEND and KE); --mend-editor/
 
     python benchmarks/bench_plan.py
     python benchmarks/bench_plan.py --methods ft rome memit --n 4 --dtype bfloat16 --output plan.json
+    python benchmarks/bench_plan.py --methods calinet --n 12 --set calinet.requests_per_pass=4  # CaliNET's passes
 """
 
 import argparse
@@ -59,7 +60,7 @@ def ready_config(method: str, args):
 
     folder = ROOT / "editing_configs" / method
     path = next((folder / name for name in ("llama.json", "default.json") if (folder / name).is_file()), None)
-    config = build_config(method, str(path) if path else None)
+    config = build_config(method, str(path) if path else None, args.overrides.get(method))
     chosen = {"mend": args.mend_editor, "ke": args.ke_editor, "serac": args.serac_editor}.get(method)
     if hasattr(config, "editor"):
         editor = chosen or config.editor
@@ -73,6 +74,19 @@ def ready_config(method: str, args):
                 editor = "untrained"
         config.editor = editor
     return config, path
+
+
+def method_overrides(parser, items: list[str], methods: list[str]) -> dict[str, dict]:
+    """`--set METHOD.KEY=VALUE` items as {method: {key: value}}, for methods that are measured."""
+    from hf_knowedit.utils import parse_overrides
+
+    by_method: dict[str, list[str]] = {}
+    for item in items:
+        method, dot, rest = item.partition(".")
+        if not dot or "=" not in rest or method not in methods:
+            parser.error(f"--set expects METHOD.KEY=VALUE with METHOD one of --methods {methods}, got {item!r}")
+        by_method.setdefault(method, []).append(rest)
+    return {method: parse_overrides(rest, example=f"{method}.num_steps=10") for method, rest in by_method.items()}
 
 
 def clear_caches() -> None:
@@ -113,9 +127,13 @@ def main() -> None:
     parser.add_argument("--mend-editor", default=None, help="Trained MEND editor (default: its ready config's).")
     parser.add_argument("--ke-editor", default=None, help="Trained KE editor (default: its ready config's).")
     parser.add_argument("--serac-editor", default=None, help="Trained SERAC classifier (default: its config's).")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                        help="Override a field of a method's ready config; VALUE is read as JSON, else as a string "
+                        "(--set calinet.requests_per_pass=4).")
     parser.add_argument("--no-rss", action="store_true", help="Skip the second, profiler-free run for RSS.")
     parser.add_argument("--output", type=Path, default=None, help="Write the figures as JSON here.")
     args = parser.parse_args()
+    args.overrides = method_overrides(parser, args.overrides, args.methods)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
     from hf_knowedit import load_default_model, load_edit_dataset
@@ -123,7 +141,8 @@ def main() -> None:
 
     requests = load_edit_dataset(COUNTERFACT, n=args.n, offset=args.offset)
     print(f"{len(requests)} request(s) per edit, from {COUNTERFACT.name} at offset {args.offset}: "
-          f"{requests[0].filled_prompt!r} -> {requests[0].target_new!r}; model in {args.dtype}")
+          f"{requests[0].filled_prompt!r} -> {requests[0].target_new!r}; model in {args.dtype}"
+          + "".join(f"; {method} with {fields}" for method, fields in args.overrides.items()))
 
     # 1. The plans, before any weight is loaded.
     configs, plans = {}, {}
@@ -192,7 +211,7 @@ def main() -> None:
               f"{max(r['working_ratio'] for r in working):.2f} (largest deviation: {far['method']}).")
     if args.output:
         args.output.write_text(json.dumps({"n": len(requests), "offset": args.offset, "dtype": args.dtype,
-                                           "rows": rows}, indent=2, sort_keys=True) + "\n")
+                                           "overrides": args.overrides, "rows": rows}, indent=2, sort_keys=True) + "\n")
         print(f"Wrote {args.output}")
 
 
