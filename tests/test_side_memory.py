@@ -276,23 +276,41 @@ def test_sequential_edits_accumulate(method):
 def test_calinet_batch_in_passes_takes_the_steps_of_one_pass(arch):
     """A batch larger than `requests_per_pass` accumulates each step's gradient over passes (here of 2, 2 and 1
     requests): the slots and losses are those of one pass over all five, up to float rounding."""
-    subjects = ["Atlantis", "Miles Davis", "Lyon", "the Moon", "Ada Lovelace"]
-    targets = ["Paris", "violin", "cheese", "rock", "French"]
-    requests = [EditRequest(prompt="{} is known for", subject=s, target_new=t) for s, t in zip(subjects, targets)]
-    edits = {}
-    for per_pass in (128, 2):
-        config = CaliNETConfig(num_steps=6, num_slots=16, lr=5e-2, stop_loss=1e-9, requests_per_pass=per_pass)
-        edit = EditedModel(base_model(arch), TOKENIZER).add_edits(config, requests).get_edit()
-        edits[per_pass] = edit
+    edits = {per_pass: _calinet_five_facts(arch, per_pass, stop_loss=1e-9) for per_pass in (128, 2)}
     assert edits[128].stats["calinet_passes_per_step"] == 1 and edits[2].stats["calinet_passes_per_step"] == 3
     assert edits[2].stats["calinet_steps"] == edits[128].stats["calinet_steps"] == 6
     for key in ("calinet_initial_loss", "calinet_final_loss"):
         assert edits[2].stats[key] == pytest.approx(edits[128].stats[key], rel=1e-5)
-    (path, (one,)), = edits[128].components.items()
+    (_, (one,)), = edits[128].components.items()
     (_, (passes,)), = edits[2].components.items()
     for a, b in zip(one.state_dict().values(), passes.state_dict().values(), strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * a.abs().max().item())
     assert not torch.equal(one.state_dict()["values"], torch.zeros_like(one.state_dict()["values"]))
+
+
+def _calinet_five_facts(arch, requests_per_pass, stop_loss, num_steps=6):
+    """The edit of five facts at once by CaliNET on a tiny `arch` model."""
+    subjects = ["Atlantis", "Miles Davis", "Lyon", "the Moon", "Ada Lovelace"]
+    targets = ["Paris", "violin", "cheese", "rock", "French"]
+    requests = [EditRequest(prompt="{} is known for", subject=s, target_new=t) for s, t in zip(subjects, targets)]
+    config = CaliNETConfig(num_steps=num_steps, num_slots=16, lr=5e-2, stop_loss=stop_loss,
+                           requests_per_pass=requests_per_pass)
+    return EditedModel(base_model(arch), TOKENIZER).add_edits(config, requests).get_edit()
+
+
+@pytest.mark.parametrize("per_pass", [128, 2])
+def test_calinet_stops_at_stop_loss_without_a_step_after_it(per_pass):
+    """The step whose loss (over all passes) is under `stop_loss` is the last, and the slots are not moved by it: a
+    loss under the bound from the start leaves the value vectors at their zero start."""
+    unreached = _calinet_five_facts("gpt2", per_pass, stop_loss=1e-9, num_steps=8)
+    initial, final = unreached.stats["calinet_initial_loss"], unreached.stats["calinet_final_loss"]
+    assert unreached.stats["calinet_steps"] == 8 and final < initial
+    halfway = _calinet_five_facts("gpt2", per_pass, stop_loss=(initial + final) / 2, num_steps=8)
+    assert 1 < halfway.stats["calinet_steps"] < 8 and halfway.stats["calinet_final_loss"] < (initial + final) / 2
+    at_once = _calinet_five_facts("gpt2", per_pass, stop_loss=initial + 1.0)
+    assert at_once.stats["calinet_steps"] == 1
+    (_, (slots,)), = at_once.components.items()
+    assert torch.count_nonzero(slots.state_dict()["values"]) == 0
 
 
 @pytest.mark.parametrize("value", [0, -1, True, 2.5])

@@ -47,7 +47,7 @@ class CaliNETEditor(BaseEditor):
             for _ in tqdm(range(config.num_steps), desc="CaliNET edit", leave=False):
                 optimizer.zero_grad(set_to_none=True)
                 step_loss = 0.0
-                for i, part in enumerate(passes):
+                for part in passes:
                     # the mean over all requests, as the sum of each pass's mean weighted by its share of them (a
                     # weight of exactly 1.0 for a batch in one pass, whose step is then computed as without passes)
                     weight = part.input_ids.shape[0] / len(requests)
@@ -55,14 +55,11 @@ class CaliNETEditor(BaseEditor):
                     if not torch.isfinite(loss):
                         raise EditFailedError(f"The CaliNET loss became {loss.item()}; lower CaliNETConfig.lr.")
                     step_loss += loss.item()
-                    if i < len(passes) - 1:  # the last pass's backward waits for the stopping test
-                        loss.backward()
+                    loss.backward()
                 losses.append(step_loss)
                 if losses[-1] < config.stop_loss:
                     break
-                loss.backward()
                 optimizer.step()
         self.stats = {"calinet_steps": len(losses), "calinet_initial_loss": losses[0], "calinet_final_loss": losses[-1],
                       "calinet_passes_per_step": len(passes)}
         return {path: s.frozen() for path, s in slots.items()}
-
